@@ -1,0 +1,1 @@
+"""Deterministic simulations of the controller: real decisions, simulated world."""

@@ -1,0 +1,158 @@
+"""The replica state machine, apply, statuses and snapshots."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from trioserve.core import events as ev
+from trioserve.core.config import DeploymentConfig
+from trioserve.core.events import DeploymentSpec, Event
+from trioserve.core.reconcile import decide
+from trioserve.core.state import (
+    TRANSITIONS,
+    AppStatus,
+    ClusterState,
+    IllegalTransition,
+    ReplicaState,
+    app_status,
+    apply,
+    replay,
+    state_from_bytes,
+    state_to_bytes,
+)
+
+S = ReplicaState
+R = "app#D#1"
+CONFIG_VERSION = DeploymentConfig(num_replicas=1).lightweight_digest()
+
+
+def base_state() -> ClusterState:
+    state = ClusterState()
+    spec = DeploymentSpec(name="D", code_version="v1", config=DeploymentConfig(num_replicas=1))
+    apply(
+        state, ev.AppDeployed(at=0, app="app", route_prefix="/", ingress="D", deployments=(spec,))
+    )
+    return state
+
+
+def replica_event(kind: str, at: float = 1.0) -> Event:
+    """One event of each replica kind, for replica R."""
+    return {
+        "ReplicaStarting": ev.ReplicaStarting(
+            at=at,
+            replica=R,
+            app="app",
+            deployment="D",
+            code_version="v1",
+            config_version=CONFIG_VERSION,
+            reason="scale up",
+        ),
+        "ReplicaRunning": ev.ReplicaRunning(at=at, replica=R, address="x", pid=7),
+        "ReplicaStartFailed": ev.ReplicaStartFailed(at=at, replica=R, error="tb"),
+        "ReplicaDied": ev.ReplicaDied(at=at, replica=R, exit_code=1, reason="died"),
+        "ReplicaDrained": ev.ReplicaDrained(at=at, replica=R),
+        "ReplicaExited": ev.ReplicaExited(at=at, replica=R, exit_code=0),
+        "HealthCheckFailed": ev.HealthCheckFailed(at=at, replica=R, consecutive=1, error="e"),
+        "HealthCheckPassed": ev.HealthCheckPassed(at=at, replica=R),
+        "ReplicaReconfigured": ev.ReplicaReconfigured(at=at, replica=R, config_version="c2"),
+        "ReplicaDraining": ev.ReplicaDraining(at=at, replica=R, reason="scale down"),
+        "ReplicaStopping": ev.ReplicaStopping(at=at, replica=R, reason="scale down"),
+        "ReplicaKilled": ev.ReplicaKilled(at=at, replica=R, reason="timeout"),
+    }[kind]
+
+
+PATHS = {
+    None: [],
+    S.STARTING: ["ReplicaStarting"],
+    S.RUNNING: ["ReplicaStarting", "ReplicaRunning"],
+    S.DRAINING: ["ReplicaStarting", "ReplicaRunning", "ReplicaDraining"],
+    S.STOPPING: ["ReplicaStarting", "ReplicaRunning", "ReplicaDraining", "ReplicaDrained"],
+}
+KINDS = sorted({kind for _, kind in TRANSITIONS})
+
+
+def state_in(replica_state: ReplicaState | None) -> ClusterState:
+    state = base_state()
+    for kind in PATHS[replica_state]:
+        apply(state, replica_event(kind))
+    return state
+
+
+@pytest.mark.parametrize(("before", "kind"), list(itertools.product(PATHS, KINDS)))
+def test_transition_table_is_the_only_way_a_replica_changes(
+    before: ReplicaState | None, kind: str
+) -> None:
+    state = state_in(before)
+    snapshot = state.copy()
+    if (before, kind) in TRANSITIONS:
+        apply(state, replica_event(kind, at=2.0))
+        after = TRANSITIONS[(before, kind)]
+        replica = state.replicas.get(R)
+        assert (replica.state if replica else None) is after
+    else:
+        with pytest.raises(IllegalTransition) as info:
+            apply(state, replica_event(kind, at=2.0))
+        message = str(info.value)
+        assert R in message and kind in message
+        assert (before.value if before else "does not exist") in message
+        assert state == snapshot  # nothing changed
+
+
+def test_state_records_when_and_why_a_replica_changed_state() -> None:
+    state = state_in(S.RUNNING)
+    apply(state, ev.ReplicaDraining(at=5.0, replica=R, reason="rolling update"))
+    replica = state.replicas[R]
+    assert (replica.state, replica.since, replica.reason) == (S.DRAINING, 5.0, "rolling update")
+
+
+def test_replay_and_snapshot_round_trip_give_equal_states() -> None:
+    events: list[Event] = []
+    state = base_state()
+    events.append(
+        ev.AppDeployed(
+            at=0,
+            app="app",
+            route_prefix="/",
+            ingress="D",
+            deployments=(
+                DeploymentSpec(
+                    name="D",
+                    code_version="v1",
+                    config=DeploymentConfig(num_replicas=2, user_config={"a": [1, 2]}),
+                ),
+            ),
+        )
+    )
+    state = ClusterState()
+    apply(state, events[0])
+    for d in decide(state, 1.0):
+        apply(state, d)
+        events.append(d)
+    assert replay(events) == state
+    assert state_from_bytes(state_to_bytes(state)) == state
+
+
+def test_app_status_running_after_all_replicas_run_and_deleting_after_delete() -> None:
+    state = base_state()
+    assert app_status(state.apps["app"])[0] is AppStatus.DEPLOYING
+    apply(state, replica_event("ReplicaStarting"))
+    apply(state, replica_event("ReplicaRunning"))
+    assert app_status(state.apps["app"]) == (AppStatus.RUNNING, "")
+    apply(state, ev.AppDeleted(at=3.0, app="app"))
+    assert app_status(state.apps["app"])[0] is AppStatus.DELETING
+
+
+def test_app_status_unhealthy_when_a_replica_died_after_running() -> None:
+    state = state_in(S.RUNNING)
+    apply(state, ev.ReplicaDied(at=3.0, replica=R, exit_code=-9, reason="killed by signal 9"))
+    status, message = app_status(state.apps["app"])
+    assert status is AppStatus.UNHEALTHY and "D" in message
+
+
+def test_starting_a_replica_of_a_deployment_being_removed_is_refused() -> None:
+    state = base_state()
+    apply(state, ev.AppDeleted(at=1.0, app="app"))
+    with pytest.raises(IllegalTransition, match="being removed"):
+        apply(state, replica_event("ReplicaStarting"))

@@ -1,0 +1,1 @@
+"""The controller and everything it reasons about: events, state, decisions."""

@@ -1,0 +1,269 @@
+"""Deployment and autoscaling configuration: plain, frozen, validated values.
+
+Field names and defaults follow Ray Serve's ``DeploymentConfig`` and
+``AutoscalingConfig`` so that options written for Ray Serve mean the same
+thing here. Every class converts to and from a plain ``dict`` of msgpack-able
+values (``to_dict`` / ``from_dict``), which is how configurations travel inside
+the event log.
+
+This module is pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MAX_ONGOING_REQUESTS",
+    "DEFAULT_TARGET_ONGOING_REQUESTS",
+    "AutoscalingConfig",
+    "ConfigError",
+    "DeploymentConfig",
+    "LIGHTWEIGHT_FIELDS",
+    "REPLICA_CONFIG_FIELDS",
+]
+
+DEFAULT_MAX_ONGOING_REQUESTS = 5
+DEFAULT_TARGET_ONGOING_REQUESTS = 2.0
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoscalingConfig:
+    """How a deployment scales with load (Ray Serve's fields and defaults).
+
+    The number of replicas is kept near ``total ongoing requests /
+    target_ongoing_requests``, within ``[min_replicas, max_replicas]``, changing
+    only after ``upscale_delay_s`` / ``downscale_delay_s`` of agreement.
+    """
+
+    min_replicas: int = 1
+    initial_replicas: int | None = None
+    max_replicas: int = 1
+    target_ongoing_requests: float = DEFAULT_TARGET_ONGOING_REQUESTS
+    metrics_interval_s: float = 10.0
+    look_back_period_s: float = 30.0
+    smoothing_factor: float = 1.0
+    upscale_smoothing_factor: float | None = None
+    downscale_smoothing_factor: float | None = None
+    upscaling_factor: float | None = None
+    downscaling_factor: float | None = None
+    downscale_delay_s: float = 600.0
+    downscale_to_zero_delay_s: float | None = None
+    upscale_delay_s: float = 30.0
+    aggregation_function: str = "mean"
+
+    def __post_init__(self) -> None:
+        if self.min_replicas < 0:
+            raise ConfigError(f"min_replicas must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < 1:
+            raise ConfigError(f"max_replicas must be >= 1, got {self.max_replicas}")
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(
+                f"max_replicas ({self.max_replicas}) must be greater than or equal "
+                f"to min_replicas ({self.min_replicas})"
+            )
+        if self.initial_replicas is not None:
+            if self.initial_replicas < self.min_replicas:
+                raise ConfigError(
+                    f"min_replicas ({self.min_replicas}) must be less than or equal "
+                    f"to initial_replicas ({self.initial_replicas})"
+                )
+            if self.initial_replicas > self.max_replicas:
+                raise ConfigError(
+                    f"max_replicas ({self.max_replicas}) must be greater than or "
+                    f"equal to initial_replicas ({self.initial_replicas})"
+                )
+        _positive("target_ongoing_requests", self.target_ongoing_requests)
+        _positive("metrics_interval_s", self.metrics_interval_s)
+        _positive("look_back_period_s", self.look_back_period_s)
+        _positive("smoothing_factor", self.smoothing_factor)
+        for name in (
+            "upscale_smoothing_factor",
+            "downscale_smoothing_factor",
+            "upscaling_factor",
+            "downscaling_factor",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+        _non_negative("downscale_delay_s", self.downscale_delay_s)
+        _non_negative("upscale_delay_s", self.upscale_delay_s)
+        if self.downscale_to_zero_delay_s is not None:
+            _non_negative("downscale_to_zero_delay_s", self.downscale_to_zero_delay_s)
+        if self.aggregation_function not in ("mean", "max", "min"):
+            raise ConfigError(
+                "aggregation_function must be one of 'mean', 'max', 'min', got "
+                f"{self.aggregation_function!r}"
+            )
+
+    @property
+    def upscale_factor(self) -> float:
+        """The gain applied when scaling up (``upscaling_factor`` or its older names)."""
+        return self.upscaling_factor or self.upscale_smoothing_factor or self.smoothing_factor
+
+    @property
+    def downscale_factor(self) -> float:
+        """The gain applied when scaling down (``downscaling_factor`` or its older names)."""
+        return self.downscaling_factor or self.downscale_smoothing_factor or self.smoothing_factor
+
+    @property
+    def start_replicas(self) -> int:
+        """The number of replicas a newly deployed deployment starts with."""
+        if self.initial_replicas is not None:
+            return self.initial_replicas
+        return self.min_replicas
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AutoscalingConfig:
+        return cls(**_known_fields(cls, data, "autoscaling_config"))
+
+
+LIGHTWEIGHT_FIELDS = (
+    "num_replicas",
+    "autoscaling_config",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "user_config",
+    "graceful_shutdown_wait_loop_s",
+    "graceful_shutdown_timeout_s",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "logging_config",
+)
+"""Fields whose change updates running replicas in place (no restart)."""
+
+REPLICA_CONFIG_FIELDS = LIGHTWEIGHT_FIELDS[2:]
+"""The in-place fields a replica itself uses; a change to them reconfigures it.
+
+``num_replicas`` and ``autoscaling_config`` only change how many replicas run.
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentConfig:
+    """The per-deployment options of Ray Serve, with Ray Serve's defaults.
+
+    ``num_replicas`` is ``None`` when ``autoscaling_config`` is set. Changing
+    any of :data:`LIGHTWEIGHT_FIELDS` updates replicas in place; anything else
+    (code, init arguments, ``ray_actor_options``, ``version``) restarts them.
+    """
+
+    num_replicas: int | None = None
+    """Defaults to 1 without ``autoscaling_config``; must stay unset with it."""
+    max_ongoing_requests: int = DEFAULT_MAX_ONGOING_REQUESTS
+    max_queued_requests: int = -1
+    user_config: Any = None
+    autoscaling_config: AutoscalingConfig | None = None
+    graceful_shutdown_wait_loop_s: float = 2.0
+    graceful_shutdown_timeout_s: float = 20.0
+    health_check_period_s: float = 10.0
+    health_check_timeout_s: float = 30.0
+    ray_actor_options: Mapping[str, Any] | None = None
+    logging_config: Mapping[str, Any] | None = None
+    version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.autoscaling_config is not None and self.num_replicas is not None:
+            raise ConfigError(
+                "Manually setting num_replicas is not allowed when autoscaling_config is provided."
+            )
+        if self.autoscaling_config is None:
+            if self.num_replicas is None:
+                object.__setattr__(self, "num_replicas", 1)
+            assert self.num_replicas is not None
+            if self.num_replicas <= 0:
+                raise ConfigError(f"num_replicas must be > 0, got {self.num_replicas}")
+        if self.max_ongoing_requests <= 0:
+            raise ConfigError(f"max_ongoing_requests must be > 0, got {self.max_ongoing_requests}")
+        if self.max_queued_requests != -1 and self.max_queued_requests <= 0:
+            raise ConfigError(
+                f"max_queued_requests must be -1 (no limit) or > 0, got {self.max_queued_requests}"
+            )
+        if self.user_config is not None:
+            # As in Ray Serve, user_config is JSON: normalising it here makes a
+            # replayed config equal to the live one (tuples become lists).
+            try:
+                text = json.dumps(self.user_config, sort_keys=True)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"user_config must be JSON-serializable: {exc}") from None
+            object.__setattr__(self, "user_config", json.loads(text))
+        _non_negative("graceful_shutdown_wait_loop_s", self.graceful_shutdown_wait_loop_s)
+        _non_negative("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
+        _positive("health_check_period_s", self.health_check_period_s)
+        _positive("health_check_timeout_s", self.health_check_timeout_s)
+
+    @property
+    def initial_target(self) -> int:
+        """The replica count a newly deployed deployment aims for."""
+        if self.autoscaling_config is not None:
+            return self.autoscaling_config.start_replicas
+        assert self.num_replicas is not None
+        return self.num_replicas
+
+    def lightweight_digest(self) -> str:
+        """A digest of the replica-side in-place fields (:data:`REPLICA_CONFIG_FIELDS`).
+
+        Two configs with equal digests need no ``reconfigure`` between them.
+        """
+        data = self.to_dict()
+        picked = {name: data[name] for name in REPLICA_CONFIG_FIELDS}
+        text = json.dumps(picked, sort_keys=True, default=repr, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_replicas": self.num_replicas,
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "user_config": self.user_config,
+            "autoscaling_config": (
+                None if self.autoscaling_config is None else self.autoscaling_config.to_dict()
+            ),
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "ray_actor_options": (
+                None if self.ray_actor_options is None else dict(self.ray_actor_options)
+            ),
+            "logging_config": None if self.logging_config is None else dict(self.logging_config),
+            "version": self.version,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DeploymentConfig:
+        fields = _known_fields(cls, data, "deployment config")
+        autoscaling = fields.get("autoscaling_config")
+        if isinstance(autoscaling, Mapping):
+            fields["autoscaling_config"] = AutoscalingConfig.from_dict(autoscaling)
+        return cls(**fields)
+
+
+def _known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s): {', '.join(unknown)}")
+    return dict(data)

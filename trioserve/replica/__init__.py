@@ -1,0 +1,1 @@
+"""The replica process: hosts user code."""
