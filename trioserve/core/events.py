@@ -22,6 +22,7 @@ This module is pure: no I/O, no clock, no randomness.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
@@ -138,9 +139,9 @@ class DeploymentSpec:
     source: str = ""
     init_args: str | None = None
 
-    @property
+    @functools.cached_property
     def config_version(self) -> str:
-        """Digest of the fields that are updated in place."""
+        """Digest of the fields that are updated in place (computed once per spec)."""
         return self.config.lightweight_digest()
 
     def to_dict(self) -> dict[str, Any]:

@@ -517,17 +517,14 @@ def _on_app_removed(state: ClusterState, event: Event) -> None:
 
 def _note_progress(dep: Deployment) -> None:
     """Record that the deployment reached its goal, once it has."""
-    running = sum(
-        1
-        for r in dep.replicas.values()
-        if r.state is S.RUNNING and dep.is_current(r) and r.config_version == dep.config_version
-    )
-    others = sum(
-        1
-        for r in dep.replicas.values()
-        if r.state in (S.STARTING, S.RUNNING)
-        and not (dep.is_current(r) and r.config_version == dep.config_version)
-    )
+    code, config = dep.spec.code_version, dep.spec.config_version
+    running = others = 0
+    for r in dep.replicas.values():
+        if r.state is S.RUNNING or r.state is S.STARTING:
+            if r.code_version == code and r.config_version == config:
+                running += r.state is S.RUNNING
+            else:
+                others += 1
     if running >= dep.goal and others == 0:
         dep.version_reached = True
     if running == dep.goal:

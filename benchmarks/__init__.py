@@ -1,0 +1,1 @@
+"""Reproducible performance figures for trioserve (``python -m benchmarks.<name>``)."""
