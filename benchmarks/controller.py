@@ -36,7 +36,6 @@ import os
 import platform
 import random
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +43,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from simulations.scale import DecideTiming, run_scale
+from simulations.scale import DecideTiming, median_time, run_scale
 from trioserve.core import events as ev
 from trioserve.core.config import DeploymentConfig
 from trioserve.core.events import DeploymentSpec, Event
@@ -230,13 +229,8 @@ def build_log(path: Path, events: int, *, seed: int = 0) -> LogBuilder:
 
 def _timed(fn: Callable[[], T], runs: int = 1) -> tuple[float, T]:
     """Median wall time of ``runs`` calls of ``fn``, and the last result."""
-    times = []
-    result: T
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), result
+    median, _, result = median_time(fn, runs)
+    return median, result
 
 
 def _count_raw(log: EventLog) -> int:

@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from simulations.world import World, sim_config
 from trioserve.core.reconcile import decide
@@ -48,9 +49,12 @@ __all__ = [
     "converge",
     "iterate_replicas",
     "main",
+    "median_time",
     "run_scale",
     "time_decide",
 ]
+
+T = TypeVar("T")
 
 DEPLOYMENTS_PER_APP = 10
 SNAPSHOT_EVERY = 10**9
@@ -118,13 +122,14 @@ def iterate_replicas(state: ClusterState) -> int:
     return n
 
 
-def _median_time(fn: Callable[[], object], passes: int) -> tuple[float, float]:
+def median_time(fn: Callable[[], T], runs: int = 1) -> tuple[float, float, T]:
+    """Call ``fn`` ``runs`` times: the median and the least wall time, and the last result."""
     times = []
-    for _ in range(passes):
+    for _ in range(runs):
         t0 = time.perf_counter()
-        fn()
+        result = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    return statistics.median(times), min(times), result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,8 +155,8 @@ class DecideTiming:
 def time_decide(state: ClusterState, now: float, passes: int = DECIDE_PASSES) -> DecideTiming:
     """Time ``decide(state, now)`` and the bare iteration over ``state``'s replicas."""
     decisions = decide(state, now)  # warm-up, and the answer
-    decide_s, decide_min_s = _median_time(lambda: decide(state, now), passes)
-    iterate_s, _ = _median_time(lambda: iterate_replicas(state), passes)
+    decide_s, decide_min_s, _ = median_time(lambda: decide(state, now), passes)
+    iterate_s, _, _ = median_time(lambda: iterate_replicas(state), passes)
     return DecideTiming(
         deployments=sum(len(a.deployments) for a in state.apps.values()),
         replicas=len(state.replicas),
