@@ -33,7 +33,9 @@ lint: $(VENV)/.installed-test
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy --strict trioserve/core/events.py trioserve/core/state.py \
-		trioserve/core/reconcile.py trioserve/core/autoscaling.py trioserve/store
+		trioserve/core/reconcile.py trioserve/core/autoscaling.py trioserve/store \
+		trioserve/core/rpc.py trioserve/core/launcher.py trioserve/core/controller.py \
+		trioserve/replica
 
 unit: $(VENV)/.installed-test
 	$(BIN)/pytest tests -q
@@ -48,6 +50,7 @@ sim: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.controller
+	$(BIN)/python -m benchmarks.rpc
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "DEFAULT_MAX_ONGOING_REQUESTS",
     "DEFAULT_TARGET_ONGOING_REQUESTS",
+    "EVENT_LOOPS",
     "AutoscalingConfig",
     "ConfigError",
     "DeploymentConfig",
@@ -30,6 +31,7 @@ __all__ = [
 
 DEFAULT_MAX_ONGOING_REQUESTS = 5
 DEFAULT_TARGET_ONGOING_REQUESTS = 2.0
+EVENT_LOOPS = ("asyncio", "trio")
 
 
 class ConfigError(ValueError):
@@ -183,6 +185,9 @@ class DeploymentConfig:
     ray_actor_options: Mapping[str, Any] | None = None
     logging_config: Mapping[str, Any] | None = None
     version: str | None = None
+    event_loop: str = "asyncio"
+    """trioserve's own option: the event loop user coroutines run on in the replica,
+    ``"asyncio"`` (as in Ray Serve) or ``"trio"``. Changing it restarts replicas."""
 
     def __post_init__(self) -> None:
         if self.autoscaling_config is not None and self.num_replicas is not None:
@@ -213,6 +218,10 @@ class DeploymentConfig:
         _non_negative("graceful_shutdown_timeout_s", self.graceful_shutdown_timeout_s)
         _positive("health_check_period_s", self.health_check_period_s)
         _positive("health_check_timeout_s", self.health_check_timeout_s)
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(
+                f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}"
+            )
 
     @property
     def initial_target(self) -> int:
@@ -250,6 +259,7 @@ class DeploymentConfig:
             ),
             "logging_config": None if self.logging_config is None else dict(self.logging_config),
             "version": self.version,
+            "event_loop": self.event_loop,
         }
 
     @classmethod

@@ -1,0 +1,1 @@
+"""User code for tests with real replica processes, importable by those processes."""

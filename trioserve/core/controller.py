@@ -1,0 +1,691 @@
+"""The controller shell: the pure core of :mod:`trioserve.core.reconcile`, run for real.
+
+A :class:`Controller` owns the event log (through a :class:`~trioserve.core.journal.Journal`
+called from one worker thread), and:
+
+* records **intents** from its API (``deploy``, ``delete``) and
+  **observations** from the world (a replica reports it is running, a process
+  exits, a health check fails), dropping an observation that no longer fits
+  the state (it is stale) instead of writing it;
+* runs ``decide`` after every change and on a tick of :data:`TICK_S`, records
+  the **decisions**, and carries them out with its effectors: launch a
+  process, ask a replica to drain or reconfigure, SIGTERM, SIGKILL;
+* health-checks every RUNNING replica each ``health_check_period_s``;
+* serves *long-poll*: data-plane processes ask for ``routes`` and
+  ``replicas/<app>/<deployment>`` newer than the version they hold, and get
+  an answer as soon as one changes. A version is the log seq of the change,
+  so versions keep increasing across controller restarts.
+
+Every transition of a replica into STOPPING, whether decided
+(``ReplicaStopping``) or observed (``ReplicaDrained``, ``ReplicaStartFailed``,
+``ReplicaDied``), sends SIGTERM to its process; ``ReplicaKilled`` sends SIGKILL.
+Effects follow only events recorded by this controller, never replayed ones.
+
+Its RPC methods (served on ``address``) are listed in :meth:`Controller.rpc_methods`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from trioserve.core import events as ev
+from trioserve.core import rpc
+from trioserve.core.autoscaling import LoadSample
+from trioserve.core.events import DeploymentSpec, Event
+from trioserve.core.journal import DEFAULT_SNAPSHOT_EVERY, Journal
+from trioserve.core.launcher import LaunchedProcess, Launcher, describe_exit
+from trioserve.core.state import (
+    ClusterState,
+    IllegalTransition,
+    ReplicaState,
+    app_status,
+    deployment_status,
+)
+from trioserve.store import EventLog
+
+__all__ = ["TICK_S", "Controller", "status_of"]
+
+log = logging.getLogger("trioserve.controller")
+
+T = TypeVar("T")
+S = ReplicaState
+
+TICK_S = 0.5
+"""How often the controller decides when nothing happens (time-based rules)."""
+LOAD_SAMPLE_PERIOD_S = 1.0
+LONG_POLL_TIMEOUT_S = 30.0
+REPORT_STALE_S = 5.0
+"""A replica's load report older than this no longer counts."""
+
+LOST_REASON = "lost: the controller restarted and the process was not found"
+
+
+class Controller:
+    """One instance's controller. Run it with ``await tg.start(controller.run)``.
+
+    ``log`` is the event log it owns, ``launcher`` starts replica processes,
+    ``secret`` authenticates every RPC connection. ``clock`` gives the time
+    recorded in events (seconds).
+    """
+
+    def __init__(
+        self,
+        log: EventLog,
+        launcher: Launcher,
+        secret: bytes,
+        *,
+        listen: str = "tcp://127.0.0.1:0",
+        tick_s: float = TICK_S,
+        start_timeout_s: float = 300.0,
+        stop_timeout_s: float = 10.0,
+        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.log = log
+        self.launcher = launcher
+        self.secret = secret
+        self.listen_address = listen
+        self.tick_s = tick_s
+        self.start_timeout_s = start_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.snapshot_every = snapshot_every
+        self.clock = clock
+        self.address = ""
+        self.journal: Journal | None = None
+        self._lock = anyio.Lock()
+        self._db_limiter = anyio.CapacityLimiter(1)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._wake = anyio.Event()
+        self._changed = anyio.Event()
+        self._published: dict[str, tuple[int, Any]] = {}
+        self._procs: dict[str, LaunchedProcess] = {}
+        self._launching: set[str] = set()
+        self._scopes: dict[str, list[anyio.CancelScope]] = collections.defaultdict(list)
+        self._reports: dict[str, tuple[float, int]] = {}
+        self._samples: dict[tuple[str, str], collections.deque[LoadSample]] = {}
+        self._next_sample_at = 0.0
+        self.server = rpc.Server(self.rpc_methods(), secret, name="controller")
+
+    # ------------------------------------------------------------------ running
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the journal, serve and reconcile until cancelled.
+
+        ``task_status.started`` gets the controller's RPC address. When the
+        controller is cancelled, every process it started is stopped (SIGTERM,
+        then SIGKILL after ``stop_timeout_s``).
+        """
+        self.journal = await self._db(
+            functools.partial(Journal.open, self.log, snapshot_every=self.snapshot_every)
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self.address = await tg.start(self.server.serve, self.listen_address)
+                await self._record(
+                    [
+                        ev.ControllerStarted(
+                            at=self.clock(),
+                            instance_id=self.log.instance_id,
+                            pid=os.getpid(),
+                            start_timeout_s=self.start_timeout_s,
+                            stop_timeout_s=self.stop_timeout_s,
+                        )
+                    ],
+                    durable=True,
+                )
+                await self._forget_lost_replicas()
+                tg.start_soon(self._control_loop)
+                task_status.started(self.address)
+                await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stop_all_processes()
+
+    @property
+    def state(self) -> ClusterState:
+        """The current state (read it from the controller's event loop only)."""
+        assert self.journal is not None, "the controller is not running"
+        return self.journal.state
+
+    async def _db(self, fn: Callable[[], T]) -> T:
+        return await anyio.to_thread.run_sync(fn, limiter=self._db_limiter)
+
+    async def _record(
+        self,
+        events: Sequence[Event] | Callable[[ClusterState], Sequence[Event]],
+        *,
+        durable: bool = False,
+    ) -> list[Event]:
+        """Record ``events`` (or what ``events(state)`` gives under the lock).
+
+        A stale observation (:class:`IllegalTransition`) is dropped and logged.
+        Returns what was recorded.
+        """
+        async with self._lock:
+            batch = list(events(self.state) if callable(events) else events)
+            if not batch:
+                return []
+            try:
+                stored = await self._db(
+                    functools.partial(self.state_journal.record, batch, durable=durable)
+                )
+            except IllegalTransition as exc:
+                log.info("dropped a stale observation: %s", exc)
+                return []
+            self._publish(stored[-1].seq)
+        self._carry_out(batch)
+        self._wake.set()
+        return batch
+
+    @property
+    def state_journal(self) -> Journal:
+        assert self.journal is not None
+        return self.journal
+
+    async def _control_loop(self) -> None:
+        while True:
+            with anyio.move_on_after(self.tick_s):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.step()
+
+    async def step(self) -> list[Event]:
+        """Decide once, record the decisions and carry them out."""
+        async with self._lock:
+            now = self.clock()
+            load = self._load(now)
+            journal = self.state_journal
+            decisions = await self._db(functools.partial(journal.step, now, load))
+            if decisions:
+                self._publish(journal.seq)
+        if decisions:
+            self._carry_out(decisions)
+        return decisions
+
+    async def _forget_lost_replicas(self) -> None:
+        """Replicas in the log whose processes this controller did not start."""
+
+        def lost(state: ClusterState) -> list[Event]:
+            now = self.clock()
+            out: list[Event] = []
+            for r in list(state.replicas.values()):
+                if r.state is not S.STOPPING:
+                    out.append(
+                        ev.ReplicaDied(at=now, replica=r.id, exit_code=None, reason=LOST_REASON)
+                    )
+                out.append(ev.ReplicaExited(at=now, replica=r.id, exit_code=None))
+                _terminate_stray(r.pid, r.id)
+            return out
+
+        await self._record(lost)
+
+    # ------------------------------------------------------------------ effectors
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn, *args)
+
+    def _carry_out(self, events: Sequence[Event]) -> None:
+        for e in events:
+            if isinstance(e, ev.ReplicaStarting):
+                self._spawn(self._start_replica, e.replica)
+            elif isinstance(e, ev.ReplicaRunning):
+                self._spawn(self._health_loop, e.replica, e.address)
+            elif isinstance(e, ev.ReplicaReconfigured):
+                self._spawn(self._reconfigure, e.replica)
+            elif isinstance(e, ev.ReplicaDraining):
+                self._spawn(self._drain, e.replica)
+            elif isinstance(
+                e, (ev.ReplicaStopping, ev.ReplicaDrained, ev.ReplicaStartFailed, ev.ReplicaDied)
+            ):
+                self._terminate(e.replica)
+            elif isinstance(e, ev.ReplicaKilled):
+                self._cancel_tasks(e.replica)
+                proc = self._procs.get(e.replica)
+                if proc is not None:
+                    log.warning("replica %s: SIGKILL (%s)", e.replica, e.reason)
+                    proc.kill()
+                elif e.replica not in self._launching:
+                    self._spawn(self._exited, e.replica, None)
+            elif isinstance(e, ev.ReplicaExited):
+                self._cancel_tasks(e.replica)
+                self._procs.pop(e.replica, None)
+                self._reports.pop(e.replica, None)
+
+    def _cancel_tasks(self, replica: str) -> None:
+        for scope in self._scopes.pop(replica, []):
+            scope.cancel()
+
+    def _terminate(self, replica: str) -> None:
+        self._cancel_tasks(replica)
+        proc = self._procs.get(replica)
+        if proc is not None:
+            proc.terminate()
+        elif replica not in self._launching:
+            # No process was ever started (or it could not be): nothing will exit.
+            self._spawn(self._exited, replica, None)
+
+    async def _exited(self, replica: str, code: int | None) -> None:
+        def make(state: ClusterState) -> list[Event]:
+            r = state.replicas.get(replica)
+            if r is None:
+                return []
+            now = self.clock()
+            if r.state is S.STOPPING:
+                return [ev.ReplicaExited(at=now, replica=replica, exit_code=code)]
+            return [
+                ev.ReplicaDied(at=now, replica=replica, exit_code=code, reason=describe_exit(code)),
+                ev.ReplicaExited(at=now, replica=replica, exit_code=code),
+            ]
+
+        await self._record(make)
+
+    async def _start_replica(self, replica: str) -> None:
+        r = self.state.replicas.get(replica)
+        if r is None or r.state is not S.STARTING:
+            return
+        loop = self.state.deployment_of(r).spec.config.event_loop
+        self._launching.add(replica)
+        try:
+            proc = await self.launcher.start_replica(replica, self.address, event_loop=loop)
+        except Exception as exc:
+            error = f"could not start the replica process: {exc}"
+            log.error("replica %s: %s", replica, error)
+            proc = None
+        finally:
+            self._launching.discard(replica)
+        if proc is None:
+            await self._record(
+                lambda s: (
+                    [ev.ReplicaStartFailed(at=self.clock(), replica=replica, error=error)]
+                    if _state_of(s, replica) is S.STARTING
+                    else []
+                )
+            )
+            return
+        self._procs[replica] = proc
+        log.info("replica %s: started process %d", replica, proc.pid)
+        self._spawn(self._watch, replica, proc)
+        if _state_of(self.state, replica) in (S.STOPPING, None):
+            proc.terminate()
+
+    async def _watch(self, replica: str, proc: LaunchedProcess) -> None:
+        code = await proc.wait()
+        log.info("replica %s: process %d %s", replica, proc.pid, describe_exit(code))
+        await self._exited(replica, code)
+
+    def _scoped(self, replica: str) -> anyio.CancelScope:
+        scope = anyio.CancelScope()
+        self._scopes[replica].append(scope)
+        return scope
+
+    async def _health_loop(self, replica: str, address: str) -> None:
+        failures = 0
+        with self._scoped(replica):
+            while True:
+                r = self.state.replicas.get(replica)
+                if r is None or r.state is not S.RUNNING:
+                    return
+                config = self.state.deployment_of(r).spec.config
+                await anyio.sleep(config.health_check_period_s)
+                error = ""
+                try:
+                    with anyio.fail_after(config.health_check_timeout_s):
+                        async with rpc.connect(address, self.secret) as conn:
+                            await conn.call("check_health")
+                except TimeoutError:
+                    error = f"health check timed out after {config.health_check_timeout_s} s"
+                except Exception as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+                if error:
+                    failures += 1
+                    log.warning(
+                        "replica %s: health check failed (%d): %s", replica, failures, error
+                    )
+                    event: Event = ev.HealthCheckFailed(
+                        at=self.clock(), replica=replica, consecutive=failures, error=error
+                    )
+                elif failures:
+                    failures = 0
+                    event = ev.HealthCheckPassed(at=self.clock(), replica=replica)
+                else:
+                    continue
+                await self._record(functools.partial(_if_running, replica, event))
+
+    async def _reconfigure(self, replica: str) -> None:
+        r = self.state.replicas.get(replica)
+        if r is None or r.address is None:
+            return
+        config = self.state.deployment_of(r).spec.config.to_dict()
+        try:
+            with anyio.fail_after(60):
+                async with rpc.connect(r.address, self.secret) as conn:
+                    await conn.call("reconfigure", config)
+        except Exception as exc:
+            log.error("replica %s: reconfigure failed: %s", replica, exc)
+
+    async def _drain(self, replica: str) -> None:
+        r = self.state.replicas.get(replica)
+        if r is None or r.address is None:
+            return
+        with self._scoped(replica):
+            try:
+                async with rpc.connect(r.address, self.secret) as conn:
+                    await conn.call("drain")
+            except Exception as exc:
+                log.warning("replica %s: drain failed: %s", replica, exc)
+                return
+        await self._record(
+            lambda s: (
+                [ev.ReplicaDrained(at=self.clock(), replica=replica)]
+                if _state_of(s, replica) is S.DRAINING
+                else []
+            )
+        )
+
+    async def _stop_all_processes(self) -> None:
+        procs = dict(self._procs)
+        for proc in procs.values():
+            proc.terminate()
+        with anyio.move_on_after(self.stop_timeout_s):
+            for proc in procs.values():
+                await proc.wait()
+        for proc in procs.values():
+            proc.kill()
+        with anyio.move_on_after(5):
+            for proc in procs.values():
+                await proc.wait()
+        self.launcher.close()
+
+    # ------------------------------------------------------------------ load
+
+    def _load(self, now: float) -> dict[tuple[str, str], list[LoadSample]]:
+        """Load samples for autoscaling deployments, one new sample per period."""
+        take = now >= self._next_sample_at
+        if take:
+            self._next_sample_at = now + LOAD_SAMPLE_PERIOD_S
+        out: dict[tuple[str, str], list[LoadSample]] = {}
+        for app in self.state.apps.values():
+            for dep in app.deployments.values():
+                auto = dep.spec.config.autoscaling_config
+                if auto is None:
+                    continue
+                key = (app.name, dep.name)
+                series = self._samples.setdefault(key, collections.deque())
+                if take:
+                    ongoing = sum(
+                        self._reports[r.id][1]
+                        for r in dep.replicas.values()
+                        if r.id in self._reports and now - self._reports[r.id][0] < REPORT_STALE_S
+                    )
+                    series.append(LoadSample(at=now, ongoing=float(ongoing)))
+                    keep = auto.look_back_period_s + max(
+                        auto.upscale_delay_s, auto.downscale_delay_s
+                    )
+                    while series and series[0].at < now - keep - LOAD_SAMPLE_PERIOD_S:
+                        series.popleft()
+                out[key] = list(series)
+        return out
+
+    # ------------------------------------------------------------------ long-poll
+
+    def _publish(self, seq: int) -> None:
+        values = _published_values(self.state)
+        changed = False
+        for key, value in values.items():
+            old = self._published.get(key)
+            if old is None or old[1] != value:
+                self._published[key] = (seq, value)
+                changed = True
+        for key in list(self._published):
+            if key not in values and self._published[key][1] is not None:
+                self._published[key] = (seq, None)
+                changed = True
+        if changed:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    async def listen(
+        self, versions: Mapping[str, int], timeout_s: float = LONG_POLL_TIMEOUT_S
+    ) -> dict[str, tuple[int, Any]]:
+        """Long-poll: the keys of ``versions`` whose published version is newer.
+
+        Waits up to ``timeout_s`` for a change; returns ``{}`` if none came.
+        A key nothing was published under yet has version 0 and value None.
+        """
+        deadline = anyio.current_time() + min(timeout_s, LONG_POLL_TIMEOUT_S)
+        while True:
+            changed = self._changed
+            out = {
+                key: self._published.get(key, (0, None))
+                for key, version in versions.items()
+                if self._published.get(key, (0, None))[0] > version
+            }
+            if out:
+                return out
+            with anyio.move_on_at(deadline) as scope:
+                await changed.wait()
+            if scope.cancelled_caught:
+                return {}
+
+    # ------------------------------------------------------------------ API
+
+    def rpc_methods(self) -> dict[str, Callable[..., Any]]:
+        """The controller's RPC surface (see the module docstring)."""
+        return {
+            "deploy": self.deploy,
+            "delete": self.delete,
+            "status": self.status,
+            "listen": self.listen,
+            "put_blob": self.put_blob,
+            "get_blob": self.get_blob,
+            "replica_spec": self.replica_spec,
+            "replica_running": self.replica_running,
+            "replica_start_failed": self.replica_start_failed,
+            "report_load": self.report_load,
+            "ping": self.ping,
+        }
+
+    async def ping(self) -> dict[str, Any]:
+        return {"instance_id": self.log.instance_id, "pid": os.getpid()}
+
+    async def deploy(
+        self,
+        app: str,
+        deployments: Sequence[Mapping[str, Any] | DeploymentSpec],
+        *,
+        ingress: str | None = None,
+        route_prefix: str | None = "/",
+    ) -> int:
+        """Record the intent to run ``app`` with these deployments; returns its seq.
+
+        ``ingress`` defaults to the last deployment, as the one ``bind`` built last.
+        """
+        specs = tuple(
+            d if isinstance(d, DeploymentSpec) else DeploymentSpec.from_dict(d) for d in deployments
+        )
+        if not specs:
+            raise ValueError(f"application {app!r} has no deployments")
+        event = ev.AppDeployed(
+            at=self.clock(),
+            app=app,
+            route_prefix=route_prefix,
+            ingress=ingress or specs[-1].name,
+            deployments=specs,
+        )
+        await self._record([event], durable=True)
+        return self.state_journal.seq
+
+    async def delete(self, app: str) -> bool:
+        """Record the intent to delete ``app``; False if there is no such app."""
+        recorded = await self._record(
+            lambda s: (
+                [ev.AppDeleted(at=self.clock(), app=app)]
+                if app in s.apps and not s.apps[app].deleting
+                else []
+            ),
+            durable=True,
+        )
+        return bool(recorded) or app in self.state.apps
+
+    async def status(self) -> dict[str, Any]:
+        """Applications, deployments and replicas, with statuses and messages."""
+        async with self._lock:
+            return status_of(self.state)
+
+    async def put_blob(self, data: bytes) -> str:
+        """Store code or arguments in the log's blob table; returns the digest."""
+        return await self._db(functools.partial(self.log.put_blob, data))
+
+    async def get_blob(self, digest: str) -> bytes:
+        return await self._db(functools.partial(self.log.get_blob, digest))
+
+    async def replica_spec(self, replica: str) -> dict[str, Any] | None:
+        """What a starting replica needs to construct its user object."""
+        r = self.state.replicas.get(replica)
+        if r is None:
+            return None
+        spec = self.state.deployment_of(r).spec
+        return {
+            "app": r.app,
+            "deployment": r.deployment,
+            "code_version": spec.code_version,
+            "source": spec.source,
+            "init_args": spec.init_args,
+            "config": spec.config.to_dict(),
+        }
+
+    async def replica_running(self, replica: str, address: str, pid: int) -> bool:
+        """A replica constructed its user object and serves at ``address``."""
+        recorded = await self._record(
+            lambda s: (
+                [ev.ReplicaRunning(at=self.clock(), replica=replica, address=address, pid=pid)]
+                if _state_of(s, replica) is S.STARTING
+                else []
+            )
+        )
+        return bool(recorded)
+
+    async def replica_start_failed(self, replica: str, error: str) -> None:
+        """A replica's constructor raised ``error`` (a traceback)."""
+        await self._record(
+            lambda s: (
+                [ev.ReplicaStartFailed(at=self.clock(), replica=replica, error=error)]
+                if _state_of(s, replica) is S.STARTING
+                else []
+            )
+        )
+
+    async def report_load(self, replica: str, ongoing: int) -> None:
+        """A replica's count of requests in flight."""
+        if replica in self.state.replicas:
+            self._reports[replica] = (self.clock(), int(ongoing))
+
+    async def wait_for(
+        self, predicate: Callable[[ClusterState], bool], timeout_s: float | None = None
+    ) -> None:
+        """Wait until ``predicate(state)`` holds (checked after every change)."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                changed = self._changed
+                if predicate(self.state):
+                    return
+                with anyio.move_on_after(self.tick_s):
+                    await changed.wait()
+
+
+def _if_running(replica: str, event: Event, state: ClusterState) -> list[Event]:
+    return [event] if _state_of(state, replica) is S.RUNNING else []
+
+
+def _state_of(state: ClusterState, replica: str) -> ReplicaState | None:
+    r = state.replicas.get(replica)
+    return None if r is None else r.state
+
+
+def _published_values(state: ClusterState) -> dict[str, Any]:
+    routes: dict[str, Any] = {}
+    values: dict[str, Any] = {"routes": routes}
+    for app in state.apps.values():
+        if app.route_prefix is not None and not app.deleting:
+            routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress}
+        for dep in app.deployments.values():
+            config = dep.spec.config
+            values[f"replicas/{app.name}/{dep.name}"] = {
+                "replicas": [
+                    {"id": r.id, "address": r.address}
+                    for r in dep.replicas.values()
+                    if r.state is S.RUNNING
+                ],
+                "max_ongoing_requests": config.max_ongoing_requests,
+                "max_queued_requests": config.max_queued_requests,
+            }
+    return values
+
+
+def status_of(state: ClusterState) -> dict[str, Any]:
+    """The status of every application, as ``serve.status()`` and the CLI show it."""
+    apps: dict[str, Any] = {}
+    for app in state.apps.values():
+        status, message = app_status(app)
+        deployments: dict[str, Any] = {}
+        for dep in app.deployments.values():
+            dstatus, dmessage = deployment_status(dep)
+            counts: dict[str, int] = {}
+            for r in dep.replicas.values():
+                counts[r.state.value] = counts.get(r.state.value, 0) + 1
+            deployments[dep.name] = {
+                "status": dstatus.value,
+                "message": dmessage,
+                "target_replicas": dep.goal,
+                "replica_states": counts,
+                "replicas": [
+                    {
+                        "id": r.id,
+                        "state": r.state.value,
+                        "pid": r.pid,
+                        "address": r.address,
+                        "since": r.since,
+                        "reason": r.reason,
+                        "code_version": r.code_version,
+                    }
+                    for r in dep.replicas.values()
+                ],
+            }
+        apps[app.name] = {
+            "status": status.value,
+            "message": message,
+            "route_prefix": app.route_prefix,
+            "ingress": app.ingress,
+            "deployed_at": app.deployed_at,
+            "deployments": deployments,
+        }
+    return {"applications": apps}
+
+
+def _terminate_stray(pid: int | None, replica: str) -> None:
+    """SIGTERM a process of a previous controller, if it is still that replica."""
+    if pid is None:
+        return
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except OSError:
+        return
+    if replica.encode() in cmdline and b"trioserve.replica" in cmdline:
+        with contextlib.suppress(OSError):
+            os.kill(pid, 15)

@@ -1,0 +1,807 @@
+"""Actor RPC: authenticated, multiplexed, msgpack-framed calls between processes.
+
+Every process of an instance (controller, proxy, replicas, drivers) talks to
+the others through this module. It is written with anyio, so the same code runs
+under trio (controller, proxy, tests) and asyncio (replicas).
+
+Wire format
+-----------
+A connection starts with a mutual HMAC-SHA256 challenge over the instance
+secret, before any frame is read::
+
+    server -> client   MAGIC, nonce_s (32 bytes)
+    client -> server   HMAC(secret, "client" + nonce_s), nonce_c (32 bytes)
+    server -> client   HMAC(secret, "server" + nonce_c)
+
+A peer that fails the challenge, or does not answer within
+:data:`HANDSHAKE_TIMEOUT_S`, is dropped. After it, both sides exchange
+frames: a 4-byte big-endian length, then that many bytes of msgpack holding an
+array whose first element is the message type:
+
+==========  =========================================================
+``CALL``     ``[0, id, method, args, kwargs, window]``; ``window`` > 0 asks
+             for a stream with that many chunks of credit, 0 for one result
+``RESULT``   ``[1, id, value]``
+``ERROR``    ``[2, id, error]``: the remote exception (see :class:`RemoteError`)
+``CANCEL``   ``[3, id]``: the caller gave up; the callee's task is cancelled
+``CHUNK``    ``[4, id, value]``: one item of a stream
+``END``      ``[5, id]``: the stream is over
+``CREDIT``   ``[6, id, n]``: the caller read ``n`` chunks; the callee may send more
+==========  =========================================================
+
+A stream never has more than ``window`` chunks in flight, so a slow reader
+stalls the generator at the callee instead of making anyone buffer without
+bound. A frame longer than the receiver's ``max_frame_size``, an unknown
+message type, or bytes that are not msgpack close that connection only.
+
+Values are msgpack, with two extension types: tuples stay tuples, and
+anything else msgpack cannot carry travels as a pickle (authenticated
+connections only, which is all of them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import itertools
+import logging
+import os
+import pickle
+import secrets
+import socket
+import struct
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import anyio
+import anyio.abc
+import msgpack
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "DEFAULT_STREAM_WINDOW",
+    "AuthenticationError",
+    "Connection",
+    "ConnectionLost",
+    "FrameTooLarge",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteTraceback",
+    "RpcError",
+    "Server",
+    "Stream",
+    "connect",
+    "load_secret",
+    "pack",
+    "parse_address",
+    "unpack",
+]
+
+log = logging.getLogger("trioserve.rpc")
+
+MAGIC = b"TSRPC\x01"
+NONCE_SIZE = 32
+DIGEST_SIZE = 32
+HANDSHAKE_TIMEOUT_S = 10.0
+DEFAULT_MAX_FRAME_SIZE = 512 * 1024 * 1024
+"""Largest frame a connection accepts (512 MiB); larger values are refused with
+:class:`FrameTooLarge` before anything is sent."""
+DEFAULT_STREAM_WINDOW = 16
+"""Chunks a stream may have in flight before the callee waits for credit."""
+READ_SIZE = 256 * 1024
+
+CALL, RESULT, ERROR, CANCEL, CHUNK, END, CREDIT = range(7)
+_EXT_PICKLE = 1
+_EXT_TUPLE = 2
+_LENGTH = struct.Struct(">I")
+
+
+class RpcError(Exception):
+    """Base of the errors this module raises itself."""
+
+
+class AuthenticationError(RpcError):
+    """The peer does not know the instance secret (or is not a trioserve peer)."""
+
+
+class ConnectionLost(RpcError):
+    """The connection closed before the call finished."""
+
+
+class ProtocolError(RpcError):
+    """The peer sent something that is not this protocol; the connection is closed."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame is longer than the connection's ``max_frame_size``."""
+
+
+class RemoteTraceback(Exception):
+    """Carries the remote traceback text as the ``__cause__`` of a re-raised error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f"\n\nRemote traceback:\n{self.tb}"
+
+
+class RemoteError(RpcError):
+    """A remote exception whose type could not be re-created in this process.
+
+    ``type_name`` is the qualified name of the remote exception's type,
+    ``remote_message`` its message and ``remote_traceback`` the formatted
+    traceback. When the type can be re-created (it pickles), the caller gets an
+    instance of the original type instead, with the same traceback text as its
+    ``__cause__`` and in its ``remote_traceback`` attribute.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def _default(obj: Any) -> Any:
+    if type(obj) is tuple:
+        return msgpack.ExtType(_EXT_TUPLE, pack(list(obj)))
+    return msgpack.ExtType(_EXT_PICKLE, pickle.dumps(obj, protocol=5))
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_TUPLE:
+        return tuple(unpack(data))
+    if code == _EXT_PICKLE:
+        return pickle.loads(data)
+    raise ProtocolError(f"unknown msgpack extension type {code}")
+
+
+def pack(value: Any) -> bytes:
+    """Encode ``value``: msgpack, with tuples kept and other objects pickled."""
+    data: bytes = msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    return data
+
+
+def unpack(data: bytes) -> Any:
+    """Decode what :func:`pack` made."""
+    return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
+
+
+def _error_payload(exc: BaseException) -> dict[str, Any]:
+    """The wire form of ``exc``; never raises, whatever ``exc`` does when formatted."""
+    pickled: bytes | None
+    try:
+        pickled = pickle.dumps(exc, protocol=5)
+        pickle.loads(pickled)  # a type that pickles but cannot be re-created is no use
+    except Exception:
+        pickled = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<{type(exc).__name__} whose str() raised>"
+    try:
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception:
+        tb = f"{type(exc).__qualname__}: {message}\n"
+    return {
+        "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+        "message": message,
+        "traceback": tb,
+        "pickled": pickled,
+    }
+
+
+def _error_from_payload(payload: Mapping[str, Any]) -> BaseException:
+    tb = str(payload.get("traceback", ""))
+    exc: BaseException | None = None
+    if payload.get("pickled"):
+        try:
+            exc = pickle.loads(payload["pickled"])
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(str(payload.get("type")), str(payload.get("message")), tb)
+    exc.__cause__ = RemoteTraceback(tb)
+    with contextlib.suppress(AttributeError, TypeError):
+        exc.remote_traceback = tb  # type: ignore[attr-defined]
+    return exc
+
+
+# ---------------------------------------------------------------------------- secret
+
+
+def load_secret(path: str | os.PathLike[str], *, create: bool = True) -> bytes:
+    """The instance secret stored at ``path``, created (mode 0600) if missing.
+
+    Refuses a file that other users can read or write, because anyone who
+    knows the secret can run code in every replica.
+    """
+    p = Path(path)
+    if create and not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    mode = p.stat().st_mode
+    if mode & 0o077:
+        raise AuthenticationError(
+            f"the instance secret {p} is readable by other users (mode {mode & 0o777:o}); "
+            "run `chmod 600` on it"
+        )
+    text = p.read_text().strip()
+    if len(text) < 32:
+        raise AuthenticationError(f"the instance secret {p} is too short; delete it to renew")
+    return text.encode()
+
+
+def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
+
+
+# ---------------------------------------------------------------------------- framing
+
+
+class _FrameStream:
+    """Frames over a byte stream, with a read buffer and one writer at a time."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, max_frame_size: int) -> None:
+        self.stream = stream
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self._send_lock = anyio.Lock()
+
+    async def read_exactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            try:
+                data = await self.stream.receive(max(READ_SIZE, n - len(self._buf)))
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if self._buf:
+                    raise ProtocolError(
+                        f"connection closed in the middle of a frame ({len(self._buf)} of "
+                        f"{n} bytes)"
+                    ) from None
+                raise
+            self._buf += data
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def read_frame(self) -> list[Any]:
+        header = await self.read_exactly(4)
+        (length,) = _LENGTH.unpack(header)
+        if length > self.max_frame_size:
+            raise FrameTooLarge(
+                f"peer sent a frame of {length} bytes; the limit is {self.max_frame_size}"
+            )
+        body = await self.read_exactly(length)
+        try:
+            message = unpack(body)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise ProtocolError(f"frame is not valid msgpack: {exc}") from None
+        if not isinstance(message, list) or not message or not isinstance(message[0], int):
+            raise ProtocolError(f"frame is not a message: {message!r:.80}")
+        return message
+
+    async def write_raw(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send(data)
+
+    async def write_frame(self, message: list[Any]) -> None:
+        body = pack(message)
+        if len(body) > self.max_frame_size:
+            raise FrameTooLarge(
+                f"a message of {len(body)} bytes is over the frame limit of "
+                f"{self.max_frame_size} bytes"
+            )
+        async with self._send_lock:
+            if len(body) < 65536:
+                await self.stream.send(_LENGTH.pack(len(body)) + body)
+            else:
+                await self.stream.send(_LENGTH.pack(len(body)))
+                await self.stream.send(body)
+
+
+# ---------------------------------------------------------------------------- addresses
+
+
+def parse_address(address: str) -> tuple[str, str | int]:
+    """``tcp://host:port`` -> ("tcp", host:port), ``unix:///path`` -> ("unix", path)."""
+    if address.startswith("unix://"):
+        return "unix", address[len("unix://") :]
+    rest = address.removeprefix("tcp://")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"not an RPC address: {address!r} (expected tcp://host:port)")
+    return host.strip("[]"), int(port)
+
+
+async def _open_stream(address: str) -> anyio.abc.ByteStream:
+    kind, where = parse_address(address)
+    if kind == "unix":
+        return await anyio.connect_unix(str(where))
+    stream = await anyio.connect_tcp(kind, int(where))
+    with contextlib.suppress(Exception):
+        sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return stream
+
+
+# ---------------------------------------------------------------------------- client
+
+
+class _Pending:
+    __slots__ = ("done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
+class Stream:
+    """The reply of a streaming call: an async iterator over the callee's chunks.
+
+    Use it as ``async with conn.stream(...) as chunks: async for c in chunks``;
+    leaving the block early cancels the callee's generator.
+    """
+
+    def __init__(self, conn: Connection, call_id: int, window: int) -> None:
+        self._conn = conn
+        self._id = call_id
+        self._window = window
+        self._send, self._recv = anyio.create_memory_object_stream[tuple[int, Any]](window + 2)
+        self._read = 0
+        self._finished = False
+
+    def _deliver(self, kind: int, value: Any) -> None:
+        try:
+            self._send.send_nowait((kind, value))
+        except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # Over the window: the callee broke flow control; or the reader left.
+            self._send.close()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            kind, value = await self._recv.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            self._finished = True
+            raise ConnectionLost(self._conn._lost_reason()) from None
+        if kind == CHUNK:
+            self._read += 1
+            if self._read >= max(1, self._window // 2):
+                n, self._read = self._read, 0
+                with contextlib.suppress(Exception):
+                    await self._conn._frames.write_frame([CREDIT, self._id, n])
+            return value
+        self._finished = True
+        self._conn._calls.pop(self._id, None)
+        if kind == END:
+            raise StopAsyncIteration
+        raise _error_from_payload(value)
+
+    async def aclose(self) -> None:
+        """Stop reading; if the stream is not over, cancel it at the callee."""
+        if not self._finished:
+            self._finished = True
+            self._conn._calls.pop(self._id, None)
+            await self._conn._send_cancel(self._id)
+        self._recv.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Connection:
+    """A client connection: many concurrent calls and streams over one socket.
+
+    Made by :func:`connect`. Calls from any task of the event loop that opened
+    it are fine; the connection reads replies in a task of its own.
+    """
+
+    def __init__(self, frames: _FrameStream, address: str) -> None:
+        self._frames = frames
+        self.address = address
+        self._ids = itertools.count(1)
+        self._calls: dict[int, _Pending | Stream] = {}
+        self._closed = False
+        self._reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _lost_reason(self) -> str:
+        return f"connection to {self.address} lost" + (f": {self._reason}" if self._reason else "")
+
+    async def call(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call ``method`` at the peer and return its result, or raise its exception.
+
+        Cancelling the caller sends a cancellation that cancels the callee's task.
+        """
+        if self._closed:
+            raise ConnectionLost(self._lost_reason())
+        call_id = next(self._ids)
+        pending = _Pending()
+        self._calls[call_id] = pending
+        try:
+            await self._send([CALL, call_id, method, args, kwargs, 0])
+            await pending.done.wait()
+        except BaseException:
+            if self._calls.pop(call_id, None) is not None and not self._closed:
+                await self._send_cancel(call_id)
+            raise
+        if pending.error is not None:
+            raise pending.error
+        return pending.value
+
+    async def stream(
+        self, method: str, /, *args: Any, _window: int = DEFAULT_STREAM_WINDOW, **kwargs: Any
+    ) -> Stream:
+        """Call a streaming ``method``; iterate over the :class:`Stream` returned."""
+        if self._closed:
+            raise ConnectionLost(self._lost_reason())
+        call_id = next(self._ids)
+        stream = Stream(self, call_id, max(1, _window))
+        self._calls[call_id] = stream
+        try:
+            await self._send([CALL, call_id, method, args, kwargs, stream._window])
+        except BaseException:
+            self._calls.pop(call_id, None)
+            raise
+        return stream
+
+    async def _send(self, message: list[Any]) -> None:
+        try:
+            await self._frames.write_frame(message)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError) as exc:
+            raise ConnectionLost(self._lost_reason()) from exc
+
+    async def _send_cancel(self, call_id: int) -> None:
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            with anyio.move_on_after(5):
+                await self._frames.write_frame([CANCEL, call_id])
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                message = await self._frames.read_frame()
+                kind = message[0]
+                call_id = message[1] if len(message) > 1 else None
+                target = self._calls.get(call_id) if isinstance(call_id, int) else None
+                if kind in (RESULT, ERROR):
+                    value = message[2]
+                    if isinstance(target, _Pending):
+                        del self._calls[call_id]  # type: ignore[arg-type]
+                        if kind == RESULT:
+                            target.value = value
+                        else:
+                            target.error = _error_from_payload(value)
+                        target.done.set()
+                    elif isinstance(target, Stream):
+                        target._deliver(kind, value)
+                elif kind in (CHUNK, END):
+                    if isinstance(target, Stream):
+                        target._deliver(kind, message[2] if kind == CHUNK else None)
+                else:
+                    raise ProtocolError(f"unknown message type {kind!r} from the server")
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._reason = self._reason or "closed by peer"
+        except Exception as exc:  # ProtocolError, or a malformed frame (IndexError, ...)
+            self._reason = str(exc) or type(exc).__name__
+            log.warning("closing connection to %s: %s", self.address, self._reason)
+        finally:
+            self._fail_all()
+            with contextlib.suppress(Exception):
+                await anyio.aclose_forcefully(self._frames.stream)
+
+    def _fail_all(self) -> None:
+        self._closed = True
+        calls, self._calls = self._calls, {}
+        for target in calls.values():
+            if isinstance(target, _Pending):
+                target.error = ConnectionLost(self._lost_reason())
+                target.done.set()
+            else:
+                target._send.close()
+
+    async def aclose(self) -> None:
+        """Close the connection; pending calls raise :class:`ConnectionLost`."""
+        self._reason = self._reason or "closed"
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(self._frames.stream)
+
+
+@contextlib.asynccontextmanager
+async def connect(
+    address: str,
+    secret: bytes,
+    *,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    timeout: float = HANDSHAKE_TIMEOUT_S,
+) -> AsyncIterator[Connection]:
+    """Open an authenticated :class:`Connection` to the server at ``address``.
+
+    Raises :class:`AuthenticationError` if the server does not prove it knows
+    ``secret``, and ``OSError`` if nothing listens there.
+    """
+    with anyio.fail_after(timeout):
+        raw = await _open_stream(address)
+    frames = _FrameStream(raw, max_frame_size)
+    try:
+        with anyio.fail_after(timeout):
+            hello = await frames.read_exactly(len(MAGIC) + NONCE_SIZE)
+            if not hello.startswith(MAGIC):
+                raise AuthenticationError(f"{address} is not a trioserve RPC server")
+            nonce_c = secrets.token_bytes(NONCE_SIZE)
+            await frames.write_raw(_mac(secret, b"client", hello[len(MAGIC) :]) + nonce_c)
+            proof = await frames.read_exactly(DIGEST_SIZE)
+            if not hmac.compare_digest(proof, _mac(secret, b"server", nonce_c)):
+                raise AuthenticationError(f"{address} does not know the instance secret")
+    except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError) as exc:
+        await anyio.aclose_forcefully(raw)
+        raise AuthenticationError(
+            f"{address} closed the connection during the handshake: wrong instance secret?"
+        ) from exc
+    except BaseException:
+        await anyio.aclose_forcefully(raw)
+        raise
+    conn = Connection(frames, address)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(conn._read_loop)
+            try:
+                yield conn
+            finally:
+                tg.cancel_scope.cancel()
+                await conn.aclose()
+    except BaseExceptionGroup as group:
+        # The reader task never raises: the one error is the caller's own, and
+        # the caller should see it as raised, not wrapped in a group.
+        if len(group.exceptions) != 1:
+            raise
+        error = group.exceptions[0]
+        error.__suppress_context__ = True
+        raise error  # noqa: B904
+
+
+# ---------------------------------------------------------------------------- server
+
+Handler = Callable[..., Any]
+
+
+class Server:
+    """Serves the callables in ``methods`` to authenticated peers.
+
+    A method is called with the caller's arguments. For a plain call it may be
+    a coroutine function or return a value; for a streaming call it must return
+    an async or sync iterable. An exception travels back to the caller. A
+    cancelled call cancels the method's task. Each connection is independent:
+    a peer that misbehaves is dropped and the others carry on.
+    """
+
+    def __init__(
+        self,
+        methods: Mapping[str, Handler],
+        secret: bytes,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        name: str = "rpc",
+    ) -> None:
+        self.methods = dict(methods)
+        self.secret = secret
+        self.max_frame_size = max_frame_size
+        self.name = name
+        self.connections = 0
+        self.dropped = 0
+
+    async def serve(
+        self,
+        address: str = "tcp://127.0.0.1:0",
+        *,
+        task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``address`` and serve until cancelled.
+
+        ``task_status.started`` receives the address actually bound (with the
+        port chosen when ``:0`` was asked for).
+        """
+        kind, where = parse_address(address)
+        listener: anyio.abc.Listener[Any]
+        if kind == "unix":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(where))
+            listener = await anyio.create_unix_listener(str(where))
+            bound = address
+        else:
+            listener = await anyio.create_tcp_listener(local_host=kind, local_port=int(where))
+            sock = listener.extra(anyio.abc.SocketAttribute.raw_socket)
+            host, port = sock.getsockname()[:2]
+            bound = f"tcp://{host}:{port}"
+        async with listener:
+            task_status.started(bound)
+            await listener.serve(self.handle_connection)
+
+    async def handle_connection(self, stream: anyio.abc.ByteStream) -> None:
+        """Serve one connection until it closes or misbehaves."""
+        frames = _FrameStream(stream, self.max_frame_size)
+        try:
+            with contextlib.suppress(Exception):
+                sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if not await self._handshake(frames):
+                self.dropped += 1
+                return
+            self.connections += 1
+            await _ServerConnection(self, frames).run()
+        finally:
+            await anyio.aclose_forcefully(stream)
+
+    async def _handshake(self, frames: _FrameStream) -> bool:
+        nonce_s = secrets.token_bytes(NONCE_SIZE)
+        try:
+            with anyio.fail_after(HANDSHAKE_TIMEOUT_S):
+                await frames.write_raw(MAGIC + nonce_s)
+                answer = await frames.read_exactly(DIGEST_SIZE + NONCE_SIZE)
+        except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+            log.info("%s: dropped a peer that did not finish the handshake", self.name)
+            return False
+        if not hmac.compare_digest(answer[:DIGEST_SIZE], _mac(self.secret, b"client", nonce_s)):
+            log.warning("%s: dropped a peer that failed the secret challenge", self.name)
+            return False
+        try:
+            await frames.write_raw(_mac(self.secret, b"server", answer[DIGEST_SIZE:]))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+        return True
+
+
+class _ServerConnection:
+    def __init__(self, server: Server, frames: _FrameStream) -> None:
+        self.server = server
+        self.frames = frames
+        self.tasks: dict[int, anyio.CancelScope] = {}
+        self.credit: dict[int, _Credit] = {}
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            try:
+                while True:
+                    message = await self.frames.read_frame()
+                    kind = message[0]
+                    if kind == CALL:
+                        if len(message) != 6:
+                            raise ProtocolError(f"malformed call frame: {message!r:.80}")
+                        _, call_id, method, args, kwargs, window = message
+                        if not isinstance(call_id, int) or call_id in self.tasks:
+                            raise ProtocolError(f"bad or duplicate call id {call_id!r}")
+                        scope = anyio.CancelScope()
+                        self.tasks[call_id] = scope
+                        if window:
+                            self.credit[call_id] = _Credit(int(window))
+                        tg.start_soon(self._run_call, scope, call_id, method, args, kwargs, window)
+                    elif kind == CANCEL:
+                        victim = self.tasks.get(message[1])
+                        if victim is not None:
+                            victim.cancel()
+                    elif kind == CREDIT:
+                        credit = self.credit.get(message[1])
+                        if credit is not None:
+                            credit.add(int(message[2]))
+                    else:
+                        raise ProtocolError(f"unknown message type {kind!r}")
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            except Exception as exc:  # a malformed frame: [3], [6, 1, inf], ...
+                self.server.dropped += 1
+                log.warning("%s: closing a connection: %s", self.server.name, exc)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _run_call(
+        self,
+        scope: anyio.CancelScope,
+        call_id: int,
+        method: str,
+        args: Any,
+        kwargs: Any,
+        window: int,
+    ) -> None:
+        try:
+            with scope:
+                try:
+                    fn = self.server.methods.get(method) if isinstance(method, str) else None
+                    if fn is None:
+                        raise LookupError(f"{self.server.name} has no method {method!r}")
+                    if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+                        raise TypeError("call arguments must be a list and a map")
+                    if window:
+                        await self._run_stream(call_id, fn, args, kwargs)
+                    else:
+                        result = fn(*args, **kwargs)
+                        if isinstance(result, Awaitable):
+                            result = await result
+                        await self._reply([RESULT, call_id, result])
+                except anyio.get_cancelled_exc_class():
+                    raise
+                except Exception as exc:
+                    await self._reply([ERROR, call_id, _error_payload(exc)])
+        except Exception as exc:  # replying failed: the peer is gone or the value too big
+            log.debug("%s: could not answer call %s: %s", self.server.name, call_id, exc)
+        finally:
+            self.tasks.pop(call_id, None)
+            self.credit.pop(call_id, None)
+
+    async def _run_stream(self, call_id: int, fn: Handler, args: Any, kwargs: Any) -> None:
+        result = fn(*args, **kwargs)
+        if isinstance(result, Awaitable) and not hasattr(result, "__aiter__"):
+            result = await result
+        credit = self.credit[call_id]
+        if hasattr(result, "__aiter__"):
+            agen = result
+            try:
+                async for item in agen:
+                    await credit.take()
+                    await self._reply([CHUNK, call_id, item])
+            finally:
+                aclose = getattr(agen, "aclose", None)
+                if aclose is not None:
+                    with anyio.CancelScope(shield=True):
+                        await aclose()
+        elif isinstance(result, Iterable):
+            iterator = iter(result)
+            try:
+                for item in iterator:
+                    await credit.take()
+                    await self._reply([CHUNK, call_id, item])
+            finally:  # run a generator's `finally` now, not when it is collected
+                close = getattr(iterator, "close", None)
+                if close is not None:
+                    close()
+        else:
+            raise TypeError(f"{fn!r} did not return an iterable for a streaming call")
+        await self._reply([END, call_id])
+
+    async def _reply(self, message: list[Any]) -> None:
+        try:
+            await self.frames.write_frame(message)
+        except FrameTooLarge as exc:
+            if message[0] == ERROR:
+                raise
+            await self.frames.write_frame([ERROR, message[1], _error_payload(exc)])
+
+
+class _Credit:
+    """How many more chunks a stream may send; waits when there are none."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.more = anyio.Event()
+
+    def add(self, n: int) -> None:
+        self.n += max(0, n)
+        self.more.set()
+
+    async def take(self) -> None:
+        while self.n <= 0:
+            self.more = anyio.Event()
+            await self.more.wait()
+        self.n -= 1

@@ -1,0 +1,336 @@
+"""The user object inside a replica, and the RPC methods that reach it.
+
+A :class:`ReplicaHost` constructs the user's class (or wraps the user's
+function), admits at most ``max_ongoing_requests`` calls at once and rejects
+the rest with :class:`~trioserve.exceptions.ReplicaRejected` so that the caller
+can go elsewhere, runs coroutines on the replica's event loop and sync methods
+in worker threads, and knows how to check health, reconfigure and drain.
+
+Its :meth:`~ReplicaHost.rpc_methods` are what the replica's RPC server serves:
+
+``handle_request(meta, args, kwargs)``
+    call ``meta["method"]`` of the user object; with ``stream`` RPC, iterate
+    over the generator it returns
+``check_health()``
+    the user's ``check_health`` if defined; returns the replica's stats
+``reconfigure(config)``
+    apply a new :class:`~trioserve.core.config.DeploymentConfig` in place and
+    call the user's ``reconfigure(user_config)`` when ``user_config`` changed
+``drain()``
+    stop admitting calls, wait for those in flight (at most
+    ``graceful_shutdown_timeout_s``), then call the user's ``__del__``
+``stats()``
+    ``{"replica", "ongoing", "accepting", "processed"}``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from trioserve.core.config import DeploymentConfig
+from trioserve.exceptions import ReplicaRejected
+
+__all__ = ["ReplicaContext", "ReplicaHost", "get_replica_context", "load_source"]
+
+log = logging.getLogger("trioserve.replica")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaContext:
+    """What a replica knows about itself (Ray Serve's ``ReplicaContext``)."""
+
+    app_name: str
+    deployment: str
+    replica_id: str
+    servable_object: Any = None
+
+    @property
+    def replica_tag(self) -> str:
+        """The replica's id (the name older Ray Serve versions used)."""
+        return self.replica_id
+
+
+_context: ReplicaContext | None = None
+
+
+def get_replica_context() -> ReplicaContext:
+    """The context of the replica this code runs in.
+
+    Raises ``RuntimeError`` outside a replica, as Ray Serve does.
+    """
+    if _context is None:
+        raise RuntimeError(
+            "`serve.get_replica_context()` may only be called from within a Serve replica."
+        )
+    return _context
+
+
+def load_source(source: str, blob: bytes | None = None) -> Any:
+    """The user's class or function named by a deployment's ``source``.
+
+    ``import:module:attr.path`` imports it; ``blob:<digest>`` unpickles
+    ``blob`` (shipped with cloudpickle for code defined in ``__main__``). An
+    object that wraps the user's code (a ``Deployment``) gives the code it wraps.
+    """
+    if source.startswith("import:"):
+        module_name, _, attr = source[len("import:") :].partition(":")
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    elif source.startswith("blob:"):
+        if blob is None:
+            raise ValueError(f"the code blob of {source} is missing from the event log")
+        import cloudpickle
+
+        target = cloudpickle.loads(blob)
+    else:
+        raise ValueError(f"unknown deployment source {source!r}")
+    return getattr(target, "func_or_class", target)
+
+
+class ReplicaHost:
+    """Hosts one user object; see the module docstring for its RPC methods."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        app: str,
+        deployment: str,
+        config: DeploymentConfig,
+    ) -> None:
+        self.replica_id = replica_id
+        self.app = app
+        self.deployment = deployment
+        self.config = config
+        self.obj: Any = None
+        self.is_function = False
+        self.ongoing = 0
+        self.processed = 0
+        self.accepting = True
+        self.deleted = False
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._threads = anyio.CapacityLimiter(config.max_ongoing_requests)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def construct(
+        self, target: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
+        """Build the user object: instantiate a class (sync constructors in a
+        thread, ``async def __init__`` awaited), or wrap a function. Then call
+        ``reconfigure(user_config)`` when the deployment has a ``user_config``."""
+        global _context
+        if inspect.isclass(target):
+            init = getattr(target, "__init__", None)
+            if inspect.iscoroutinefunction(init):
+                obj = target.__new__(target)
+                await init(obj, *args, **kwargs)
+            else:
+                obj = await anyio.to_thread.run_sync(lambda: target(*args, **kwargs))
+            self.obj = obj
+        elif callable(target):
+            self.obj = target
+            self.is_function = True
+        else:
+            raise TypeError(f"a deployment must be a class or a function, got {target!r}")
+        _context = ReplicaContext(self.app, self.deployment, self.replica_id, self.obj)
+        if self.config.user_config is not None:
+            await self._call_user_reconfigure(self.config.user_config)
+
+    async def _call_user_reconfigure(self, user_config: Any) -> None:
+        fn = None if self.is_function else getattr(self.obj, "reconfigure", None)
+        if fn is None:
+            raise TypeError(
+                f"deployment {self.deployment!r} has a user_config, so it must be a class "
+                "that defines reconfigure(self, user_config)"
+            )
+        await self._invoke(fn, (user_config,), {}, control=True)
+
+    async def _invoke(
+        self, fn: Callable[..., Any], args: Any, kwargs: Any, *, control: bool = False
+    ) -> Any:
+        """Await a coroutine function, run a sync one in a worker thread.
+
+        Requests share ``max_ongoing_requests`` threads; ``control`` calls (the
+        user's ``check_health``, ``reconfigure``, ``__del__``) do not, so that
+        they never wait for busy requests to finish.
+        """
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        limiter = None if control else self._threads
+        result = await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=limiter)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def _method(self, name: str) -> Callable[..., Any]:
+        if self.is_function:
+            if name != "__call__":
+                raise AttributeError(
+                    f"deployment {self.deployment!r} is a function; it has no method {name!r}"
+                )
+            return self.obj  # type: ignore[no-any-return]
+        fn = getattr(self.obj, name, None)
+        if not callable(fn) or (name.startswith("_") and name != "__call__"):
+            raise AttributeError(f"deployment {self.deployment!r} has no method {name!r}")
+        return fn  # type: ignore[no-any-return]
+
+    @contextlib.contextmanager
+    def _admit(self) -> Any:
+        if not self.accepting:
+            raise ReplicaRejected(f"replica {self.replica_id} is draining")
+        if self.ongoing >= self.config.max_ongoing_requests:
+            raise ReplicaRejected(
+                f"replica {self.replica_id} is at max_ongoing_requests="
+                f"{self.config.max_ongoing_requests}"
+            )
+        self.ongoing += 1
+        if self.ongoing == 1:
+            self._idle = anyio.Event()
+        try:
+            yield
+        finally:
+            self.ongoing -= 1
+            self.processed += 1
+            if self.ongoing == 0:
+                self._idle.set()
+
+    # ------------------------------------------------------------------ RPC methods
+
+    def rpc_methods(self) -> dict[str, Callable[..., Any]]:
+        return {
+            "handle_request": self.handle_request,
+            "handle_request_streaming": self.handle_request_streaming,
+            "check_health": self.check_health,
+            "reconfigure": self.reconfigure,
+            "drain": self.drain,
+            "stats": self.stats,
+        }
+
+    async def handle_request(
+        self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
+    ) -> Any:
+        """Run one call of the user object; rejected when full or draining."""
+        with self._admit():
+            fn = self._method(str(meta.get("method", "__call__")))
+            result = await self._invoke(fn, args, kwargs or {})
+            if inspect.isasyncgen(result) or inspect.isgenerator(result):
+                raise TypeError(
+                    f"method {meta.get('method', '__call__')!r} of deployment "
+                    f"{self.deployment!r} returned a generator, but the call was not made "
+                    "with stream=True. Use handle.options(stream=True)."
+                )
+            return result
+
+    async def handle_request_streaming(
+        self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
+    ) -> AsyncIterator[Any]:
+        """Iterate over what a generator method yields, one chunk per item."""
+        with self._admit():
+            fn = self._method(str(meta.get("method", "__call__")))
+            if inspect.isasyncgenfunction(fn):
+                agen = fn(*args, **(kwargs or {}))
+                try:
+                    async for item in agen:
+                        yield item
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await agen.aclose()
+                return
+            result = await self._invoke(fn, args, kwargs or {})
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            elif inspect.isgenerator(result):
+                done = object()
+                while True:
+                    item = await anyio.to_thread.run_sync(next, result, done)
+                    if item is done:
+                        break
+                    yield item
+            else:
+                raise TypeError(
+                    f"method {meta.get('method', '__call__')!r} of deployment "
+                    f"{self.deployment!r} did not return a generator, but the call was made "
+                    "with stream=True."
+                )
+
+    async def check_health(self) -> dict[str, Any]:
+        """Call the user's ``check_health``; an exception means unhealthy."""
+        fn = None if self.is_function else getattr(self.obj, "check_health", None)
+        if fn is not None:
+            await self._invoke(fn, (), {}, control=True)
+        return self.stats()
+
+    async def reconfigure(self, config: Mapping[str, Any]) -> None:
+        """Apply a config that differs only in the in-place fields."""
+        new = DeploymentConfig.from_dict(config)
+        old = self.config
+        if new.user_config != old.user_config and new.user_config is not None:
+            # The user's reconfigure first: if it raises, the old config stays.
+            await self._call_user_reconfigure(new.user_config)
+        self.config = new
+        self._threads.total_tokens = new.max_ongoing_requests
+        log.info("reconfigured: %s", _changed(old, new))
+
+    async def drain(self) -> dict[str, Any]:
+        """Stop admitting calls, wait for in-flight ones, then delete the user object.
+
+        Waits at most ``graceful_shutdown_timeout_s``; new calls are rejected
+        from the start, so callers retry them on other replicas at once.
+        Returns the stats at the end, with ``timed_out`` telling whether calls
+        were still in flight.
+        """
+        self.accepting = False
+        started = time.monotonic()
+        log.info("draining: %d call(s) in flight", self.ongoing)
+        with anyio.move_on_after(self.config.graceful_shutdown_timeout_s):
+            await self._idle.wait()
+        timed_out = self.ongoing > 0
+        if timed_out:
+            log.warning(
+                "drain timed out after %.1f s with %d call(s) in flight",
+                time.monotonic() - started,
+                self.ongoing,
+            )
+        await self.delete()
+        return {**self.stats(), "timed_out": timed_out}
+
+    async def delete(self) -> None:
+        """Call the user's ``__del__`` once (errors are logged, not raised)."""
+        if self.deleted or self.obj is None or self.is_function:
+            self.deleted = True
+            return
+        self.deleted = True
+        fn = getattr(type(self.obj), "__del__", None)
+        if fn is None:
+            return
+        try:
+            await self._invoke(fn.__get__(self.obj), (), {}, control=True)
+        except Exception:
+            log.exception("the deployment's __del__ raised")
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica_id,
+            "ongoing": self.ongoing,
+            "accepting": self.accepting,
+            "processed": self.processed,
+        }
+
+
+def _changed(old: DeploymentConfig, new: DeploymentConfig) -> str:
+    a, b = old.to_dict(), new.to_dict()
+    names = [k for k in b if a.get(k) != b[k]]
+    return ", ".join(names) or "nothing"
