@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import os
 import platform
 import random
@@ -43,6 +42,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from benchmarks.table import Row, markdown
 from simulations.scale import DecideTiming, median_time, run_scale
 from trioserve.core import events as ev
 from trioserve.core.config import DeploymentConfig
@@ -289,15 +289,6 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
 # ---------------------------------------------------------------------- the table
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    what: str
-    figure: str
-    baseline: str
-    ratio: str
-    aim: str
-
-
 def _ms(seconds: float) -> str:
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
@@ -320,14 +311,6 @@ def _decide_row(t: DecideTiming, aim: bool) -> Row:
         ratio=f"{t.decide_s / t.iterate_s:.0f}x",
         aim=f"< 100 ms: {_verdict(t.decide_s < DECIDE_AIM_S)}" if aim else "-",
     )
-
-
-def _table(rows: Sequence[Row]) -> str:
-    header = ("Measure", "trioserve", "Baseline (same run)", "Time vs baseline", "Aim")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append(f"| {r.what} | {r.figure} | {r.baseline} | {r.ratio} | {r.aim} |")
-    return "\n".join(lines)
 
 
 def _say(message: str) -> None:
@@ -462,7 +445,7 @@ def run(events: int = 100_000, deployments: int = 1000, seed: int = 0) -> str:
         [
             head,
             "",
-            _table(rows),
+            markdown(rows),
             "",
             *notes,
             f"(the benchmark took {elapsed:.0f} s)",

@@ -50,6 +50,7 @@ import anyio.to_thread
 import msgpack
 import trio
 
+from benchmarks.table import Row, markdown
 from simulations.scale import median_time
 from trioserve.core import rpc
 
@@ -293,24 +294,8 @@ def _measure(
 # ---------------------------------------------------------------------- the table
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    what: str
-    figure: str
-    baseline: str
-    ratio: str
-
-
 def _per_s(n: float, seconds: float, unit: str) -> str:
     return f"{n / seconds:,.0f} {unit}"
-
-
-def _table(rows: Sequence[Row]) -> str:
-    header = ("Measure", "trioserve", "Baseline (same run)", "Time vs baseline")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append(f"| {r.what} | {r.figure} | {r.baseline} | {r.ratio} |")
-    return "\n".join(lines)
 
 
 def _rows(f: Figures, server_backend: str, sequential: int, in_flight: int, mb: int) -> list[Row]:
@@ -395,7 +380,7 @@ def run(
         "the size of a no-op call frame; same anyio socket streams, same event loop",
         f"(the benchmark took {time.perf_counter() - started:.0f} s)",
     ]
-    return "\n".join([head, "", _table(rows), "", *notes])
+    return "\n".join([head, "", markdown(rows), "", *notes])
 
 
 def _version(module: str) -> str:

@@ -48,6 +48,7 @@ from trioserve.core.launcher import LaunchedProcess, Launcher, describe_exit
 from trioserve.core.state import (
     ClusterState,
     IllegalTransition,
+    Replica,
     ReplicaState,
     app_status,
     deployment_status,
@@ -102,7 +103,7 @@ class Controller:
         self.snapshot_every = snapshot_every
         self.clock = clock
         self.address = ""
-        self.journal: Journal | None = None
+        self._journal: Journal | None = None
         self._lock = anyio.Lock()
         self._db_limiter = anyio.CapacityLimiter(1)
         self._tg: anyio.abc.TaskGroup | None = None
@@ -128,7 +129,7 @@ class Controller:
         controller is cancelled, every process it started is stopped (SIGTERM,
         then SIGKILL after ``stop_timeout_s``).
         """
-        self.journal = await self._db(
+        self._journal = await self._db(
             functools.partial(Journal.open, self.log, snapshot_every=self.snapshot_every)
         )
         try:
@@ -156,9 +157,14 @@ class Controller:
                 await self._stop_all_processes()
 
     @property
+    def journal(self) -> Journal:
+        """The log and its state, kept in step (once :meth:`run` has opened it)."""
+        assert self._journal is not None, "the controller is not running"
+        return self._journal
+
+    @property
     def state(self) -> ClusterState:
         """The current state (read it from the controller's event loop only)."""
-        assert self.journal is not None, "the controller is not running"
         return self.journal.state
 
     async def _db(self, fn: Callable[[], T]) -> T:
@@ -181,7 +187,7 @@ class Controller:
                 return []
             try:
                 stored = await self._db(
-                    functools.partial(self.state_journal.record, batch, durable=durable)
+                    functools.partial(self.journal.record, batch, durable=durable)
                 )
             except IllegalTransition as exc:
                 log.info("dropped a stale observation: %s", exc)
@@ -190,11 +196,6 @@ class Controller:
         self._carry_out(batch)
         self._wake.set()
         return batch
-
-    @property
-    def state_journal(self) -> Journal:
-        assert self.journal is not None
-        return self.journal
 
     async def _control_loop(self) -> None:
         while True:
@@ -208,7 +209,7 @@ class Controller:
         async with self._lock:
             now = self.clock()
             load = self._load(now)
-            journal = self.state_journal
+            journal = self.journal
             decisions = await self._db(functools.partial(journal.step, now, load))
             if decisions:
                 self._publish(journal.seq)
@@ -223,11 +224,7 @@ class Controller:
             now = self.clock()
             out: list[Event] = []
             for r in list(state.replicas.values()):
-                if r.state is not S.STOPPING:
-                    out.append(
-                        ev.ReplicaDied(at=now, replica=r.id, exit_code=None, reason=LOST_REASON)
-                    )
-                out.append(ev.ReplicaExited(at=now, replica=r.id, exit_code=None))
+                out += _gone(r, now, None, LOST_REASON)
                 _terminate_stray(r.pid, r.id)
             return out
 
@@ -282,15 +279,7 @@ class Controller:
     async def _exited(self, replica: str, code: int | None) -> None:
         def make(state: ClusterState) -> list[Event]:
             r = state.replicas.get(replica)
-            if r is None:
-                return []
-            now = self.clock()
-            if r.state is S.STOPPING:
-                return [ev.ReplicaExited(at=now, replica=replica, exit_code=code)]
-            return [
-                ev.ReplicaDied(at=now, replica=replica, exit_code=code, reason=describe_exit(code)),
-                ev.ReplicaExited(at=now, replica=replica, exit_code=code),
-            ]
+            return [] if r is None else _gone(r, self.clock(), code, describe_exit(code))
 
         await self._record(make)
 
@@ -528,7 +517,7 @@ class Controller:
             deployments=specs,
         )
         await self._record([event], durable=True)
-        return self.state_journal.seq
+        return self.journal.seq
 
     async def delete(self, app: str) -> bool:
         """Record the intent to delete ``app``; False if there is no such app."""
@@ -606,6 +595,14 @@ class Controller:
                     return
                 with anyio.move_on_after(self.tick_s):
                     await changed.wait()
+
+
+def _gone(r: Replica, now: float, code: int | None, reason: str) -> list[Event]:
+    """The events of a replica whose process is gone: died first unless it was stopping."""
+    exited = ev.ReplicaExited(at=now, replica=r.id, exit_code=code)
+    if r.state is S.STOPPING:
+        return [exited]
+    return [ev.ReplicaDied(at=now, replica=r.id, exit_code=code, reason=reason), exited]
 
 
 def _if_running(replica: str, event: Event, state: ClusterState) -> list[Event]:

@@ -41,19 +41,17 @@ class LaunchedProcess(Protocol):
     """A process a launcher started."""
 
     @property
-    def pid(self) -> int: ...
+    def pid(self) -> int:
+        """The process id."""
 
     async def wait(self) -> int | None:
         """Wait until the process exits; its exit code (negative: killed by that signal)."""
-        ...
 
     def terminate(self) -> None:
         """Ask the process to stop (SIGTERM)."""
-        ...
 
     def kill(self) -> None:
         """Stop the process now (SIGKILL)."""
-        ...
 
 
 class Launcher(Protocol):
@@ -63,11 +61,9 @@ class Launcher(Protocol):
         self, replica: str, controller: str, *, event_loop: str = "asyncio"
     ) -> LaunchedProcess:
         """Start the replica ``replica``, told to call the controller at ``controller``."""
-        ...
 
     def close(self) -> None:
         """Release the launcher; in embedded mode its children stop."""
-        ...
 
 
 def describe_exit(code: int | None) -> str:

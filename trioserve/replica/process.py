@@ -141,12 +141,7 @@ async def _run(args: argparse.Namespace) -> int:
             log.info("running at %s", address)
         tg.start_soon(_report_load, args.controller, secret, host)
         await stop.wait()
-        if host.accepting:
-            await host.drain()
-        else:
-            with anyio.move_on_after(host.config.graceful_shutdown_timeout_s):
-                await host._idle.wait()
-            await host.delete()
+        await host.drain()  # at once if the controller had it drained already
         log.info("stopped after %d request(s)", host.processed)
         tg.cancel_scope.cancel()
     return 0
