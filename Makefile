@@ -32,10 +32,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 
 typecheck: $(VENV)/.installed-test
-	$(BIN)/mypy --strict trioserve/core/events.py trioserve/core/state.py \
-		trioserve/core/reconcile.py trioserve/core/autoscaling.py trioserve/store \
-		trioserve/core/rpc.py trioserve/core/launcher.py trioserve/core/controller.py \
-		trioserve/replica
+	$(BIN)/mypy --strict trioserve
 
 unit: $(VENV)/.installed-test
 	$(BIN)/pytest tests -q
@@ -51,6 +48,7 @@ sim: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.controller
 	$(BIN)/python -m benchmarks.rpc
+	$(BIN)/python -m benchmarks.handles
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -346,7 +346,7 @@ def test_unknown_deployment_field_is_refused_naming_it() -> None:
 
 def test_unknown_autoscaling_field_is_refused_naming_it() -> None:
     data = deployment(num_replicas=None, autoscaling_config=autoscaling()).to_dict()
-    data["autoscaling_config"]["target_num_ongoing_requests_per_replica"] = 1
+    data["autoscaling_config"]["target_num_ongoing_requests"] = 1
 
     with pytest.raises(
         ConfigError, match=r"unknown autoscaling_config field.*target_num_ongoing_requests"

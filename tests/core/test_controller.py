@@ -21,6 +21,7 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.conftest import pid_alive
 from trioserve.core import events as ev
 from trioserve.core import rpc
 from trioserve.core.config import DeploymentConfig
@@ -34,14 +35,6 @@ from trioserve.store import EventLog
 
 S = ReplicaState
 DEADLINE_S = 60.0
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return "\nState:\tZ" not in f.read()
-    except FileNotFoundError:
-        return False
 
 
 class Cluster:
@@ -295,7 +288,9 @@ async def test_config_only_change_reconfigures_in_place(cluster: Cluster) -> Non
 
 async def test_replica_runs_asyncio_by_default_and_trio_by_choice(cluster: Cluster) -> None:
     await cluster.controller.deploy("a", [await cluster.spec(num_replicas=1)])
-    await cluster.controller.deploy("t", [await cluster.spec(num_replicas=1, event_loop="trio")])
+    await cluster.controller.deploy(
+        "t", [await cluster.spec(num_replicas=1, event_loop="trio")], route_prefix="/t"
+    )
     await cluster.wait(lambda s: running_count(1, "a")(s) and running_count(1, "t")(s))
     (on_asyncio,) = cluster.running("a")
     (on_trio,) = cluster.running("t")

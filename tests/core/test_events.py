@@ -100,7 +100,12 @@ SAMPLES: list[Event] = [
     ev.AppDeleted(at=90.0, app="shop"),
     ev.DeploymentScaled(at=12.0, app="shop", deployment="Cart", num_replicas=3),
     ev.ControllerStarted(
-        at=0.0, instance_id="9f" * 16, pid=4242, start_timeout_s=5.0, stop_timeout_s=1.0
+        at=0.0,
+        instance_id="9f" * 16,
+        pid=4242,
+        start_timeout_s=5.0,
+        stop_timeout_s=1.0,
+        resources={"CPU": 16.0, "GPU": 2.0, "memory": 64.0 * 2**30, "accelerator": 1.0},
     ),
     ev.ReplicaRunning(at=2.25, replica="shop#Cart#1", address="127.0.0.1:52011", pid=5001),
     ev.ReplicaStartFailed(
@@ -121,6 +126,7 @@ SAMPLES: list[Event] = [
         code_version=PRICING.code_version,
         config_version=PRICING.config_version,
         reason="scale up",
+        gpu_ids=(0, 1),
     ),
     ev.ReplicaReconfigured(at=15.0, replica="shop#Pricing#4", config_version="0123456789abcdef"),
     ev.ReplicaDraining(at=40.0, replica="shop#Cart#1", reason="scale down"),
@@ -137,6 +143,15 @@ SAMPLES: list[Event] = [
     ),
     ev.DeploymentFailed(
         at=33.0, app="shop", deployment="Pricing", failures=6, error="KeyError: 'model'"
+    ),
+    ev.DeploymentPending(
+        at=34.0,
+        app="shop",
+        deployment="Pricing",
+        message=(
+            "1 replica of 'Pricing' cannot be placed: it needs {'GPU': 1.0} and the instance "
+            "has {'GPU': 0.0} free of {'GPU': 2.0}."
+        ),
     ),
     ev.DeploymentRemoved(at=95.0, app="shop", deployment="Cart"),
     ev.AppRemoved(at=96.0, app="shop"),
@@ -307,6 +322,73 @@ def test_old_payloads_are_upcast_through_every_version() -> None:
     )
 
 
+def test_a_version_1_controller_started_is_read_without_resource_accounting() -> None:
+    v1 = msgpack.packb(
+        {
+            "at": 0.0,
+            "instance_id": "9f" * 16,
+            "pid": 4242,
+            "start_timeout_s": 5.0,
+            "stop_timeout_s": 1.0,
+        }
+    )
+
+    event = decode("ControllerStarted", 1, v1)
+
+    assert event == ev.ControllerStarted(
+        at=0.0,
+        instance_id="9f" * 16,
+        pid=4242,
+        start_timeout_s=5.0,
+        stop_timeout_s=1.0,
+        resources=None,
+    )
+    # Written again, it is a version 2 event that reads back the same.
+    kind, version, payload = encode(event)
+    assert (kind, version) == ("ControllerStarted", 2)
+    assert msgpack.unpackb(payload)["resources"] is None
+    assert decode(kind, version, payload) == event
+
+
+def test_a_version_1_replica_starting_is_read_with_no_gpus() -> None:
+    v1 = msgpack.packb(
+        {
+            "at": 1.5,
+            "replica": "shop#Pricing#4",
+            "app": "shop",
+            "deployment": "Pricing",
+            "code_version": "c0ffee01",
+            "config_version": "0123456789abcdef",
+            "reason": "scale up",
+        }
+    )
+
+    event = decode("ReplicaStarting", 1, v1)
+
+    assert isinstance(event, ev.ReplicaStarting)
+    assert event.gpu_ids == ()
+    assert event.replica == "shop#Pricing#4" and event.reason == "scale up"
+    assert encode(event)[1] == 2
+
+
+def test_gpu_ids_come_back_as_a_tuple() -> None:
+    event = ev.ReplicaStarting(
+        at=1.0,
+        replica="shop#Model#1",
+        app="shop",
+        deployment="Model",
+        code_version="v1",
+        config_version="c1",
+        reason="scale up",
+        gpu_ids=(3,),
+    )
+
+    decoded = decode(*encode(event))
+
+    assert isinstance(decoded, ev.ReplicaStarting)
+    assert decoded.gpu_ids == (3,) and isinstance(decoded.gpu_ids, tuple)
+
+
 def test_current_version_payloads_are_not_upcast() -> None:
     event = _CoreTestReplicaPinged(at=5.0, replica="shop#Cart#9", rtt_s=0.004)
 
@@ -368,6 +450,7 @@ def test_decision_kinds_are_exactly_what_decide_may_emit() -> None:
         "ReplicaKilled",
         "AutoscaleDecision",
         "DeploymentFailed",
+        "DeploymentPending",
         "DeploymentRemoved",
         "AppRemoved",
     } == DECISION_KINDS
@@ -397,6 +480,7 @@ def test_every_kind_belongs_to_one_family() -> None:
         ("DeploymentRemoved", "shop/Cart"),
         ("AutoscaleDecision", "shop/Pricing"),
         ("DeploymentFailed", "shop/Pricing"),
+        ("DeploymentPending", "shop/Pricing"),
         ("ReplicaStarting", "shop#Pricing#4"),
         ("ReplicaRunning", "shop#Cart#1"),
         ("HealthCheckFailed", "shop#Cart#1"),

@@ -23,7 +23,13 @@ import anyio
 import anyio.abc
 import pytest
 
-from trioserve.core.launcher import LaunchedProcess, LocalProcessLauncher, describe_exit
+from trioserve.core import launcher as launcher_module
+from trioserve.core.launcher import (
+    LaunchedProcess,
+    LocalProcessLauncher,
+    describe_exit,
+    detect_resources,
+)
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="inspects processes through /proc"
@@ -270,6 +276,148 @@ async def test_daemon_mode_children_have_no_lifeline(launched: Launched, tmp_pat
     # A daemon-mode launcher can start processes after close().
     late = await launched.sleeper(launcher, "late")
     await wait_ready(launcher, "late", late.pid)
+
+
+# --------------------------------------------------------------------------- GPUs
+
+RECORDER = """#!/bin/sh
+# Stands in for the replica's python: records what the replica would see, then exits.
+{{ printf '%s\\n' "${{CUDA_VISIBLE_DEVICES-unset}}"; printf '%s\\n' "$*"; }} > "{out}.tmp"
+mv "{out}.tmp" "{out}"
+"""
+
+
+async def seen_by_replica(
+    launched: Launched,
+    tmp_path: Path,
+    env: dict[str, str],
+    **options: Any,
+) -> tuple[str, str]:
+    """Start a replica through ``start_replica``; what its process saw:
+    ``(CUDA_VISIBLE_DEVICES or "unset", its arguments)``."""
+    out = tmp_path / f"seen-{len(launched.children)}"
+    python = tmp_path / f"python-{len(launched.children)}"
+    python.write_text(RECORDER.format(out=out))
+    python.chmod(0o755)
+    launcher = LocalProcessLauncher(
+        tmp_path / "run", tmp_path / "secret", python=str(python), env=env
+    )
+    launched.launchers.append(launcher)
+    child = await launcher.start_replica("app#Model#1", "tcp://127.0.0.1:1", **options)
+    launched.children.append(child)
+    with anyio.fail_after(DEADLINE_S):
+        assert await child.wait() == 0
+    devices, argv = out.read_text().splitlines()
+    return devices, argv
+
+
+def no_gpu_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+
+
+async def test_a_replica_placed_on_gpu_1_sees_only_gpu_1(
+    launched: Launched, tmp_path: Path
+) -> None:
+    devices, argv = await seen_by_replica(
+        launched, tmp_path, no_gpu_env(), event_loop="trio", gpu_ids=(1,)
+    )
+    assert devices == "1"
+    assert "-m trioserve.replica --controller tcp://127.0.0.1:1 --replica app#Model#1" in argv
+    assert "--loop trio" in argv
+
+    devices, _ = await seen_by_replica(launched, tmp_path, no_gpu_env(), gpu_ids=(0, 2))
+    assert devices == "0,2"
+
+
+async def test_a_replica_with_no_gpu_keeps_the_environment_as_it_is(
+    launched: Launched, tmp_path: Path
+) -> None:
+    devices, argv = await seen_by_replica(launched, tmp_path, no_gpu_env())
+    assert devices == "unset"
+    assert argv.startswith("-m trioserve.replica --controller tcp://127.0.0.1:1 ")
+    assert "--loop asyncio" in argv
+    devices, _ = await seen_by_replica(launched, tmp_path, no_gpu_env(), gpu_ids=())
+    assert devices == "unset"
+    limited = {**no_gpu_env(), "CUDA_VISIBLE_DEVICES": "3"}
+    devices, _ = await seen_by_replica(launched, tmp_path, limited, gpu_ids=())
+    assert devices == "3"
+    devices, _ = await seen_by_replica(launched, tmp_path, limited, gpu_ids=None)
+    assert devices == "3"
+
+
+async def test_gpu_ids_index_the_launchers_own_visible_devices(
+    launched: Launched, tmp_path: Path
+) -> None:
+    limited = {**no_gpu_env(), "CUDA_VISIBLE_DEVICES": "4,6"}
+    devices, _ = await seen_by_replica(launched, tmp_path, limited, gpu_ids=(1,))
+    assert devices == "6"
+    devices, _ = await seen_by_replica(launched, tmp_path, limited, gpu_ids=(0, 1))
+    assert devices == "4,6"
+
+
+def fake_nvidia_smi(tmp_path: Path, body: str) -> str:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    tool = bin_dir / "nvidia-smi"
+    tool.write_text(f"#!/bin/sh\n{body}\n")
+    tool.chmod(0o755)
+    return str(bin_dir)
+
+
+def test_detect_resources_counts_cpus_and_memory() -> None:
+    found = detect_resources()
+
+    assert found["CPU"] == os.cpu_count()
+    assert found["memory"] > 0
+    meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
+    assert found["memory"] == int(meminfo[1]) * 1024
+    assert found["GPU"] >= 0
+    assert set(found) == {"CPU", "GPU", "memory"}
+    assert all(isinstance(v, float) for v in found.values())
+
+
+@pytest.mark.parametrize(
+    ("visible", "gpus"), [("0,1,2", 3), ("", 0), ("GPU-8f2e,GPU-11ab", 2), ("1,-1,2", 1)]
+)
+def test_detect_resources_honours_cuda_visible_devices(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, visible: str, gpus: int
+) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, "echo 'GPU 0: A'; echo 'GPU 1: B'"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+
+    assert detect_resources()["GPU"] == gpus
+
+
+@pytest.mark.parametrize(
+    ("body", "gpus"),
+    [
+        (
+            "echo 'GPU 0: NVIDIA A100 (UUID: GPU-1)'; echo '  MIG 1g.5gb Device 0: (UUID: MIG-1)'"
+            "; echo 'GPU 1: NVIDIA A100 (UUID: GPU-2)'",
+            2,
+        ),
+        ("echo 'NVIDIA-SMI has failed' >&2; exit 9", 0),
+        ("exec sleep 30", 0),
+    ],
+    ids=["two-gpus", "fails", "hangs"],
+)
+def test_detect_resources_asks_nvidia_smi(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, body: str, gpus: int
+) -> None:
+    monkeypatch.setenv("PATH", fake_nvidia_smi(tmp_path, body))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(launcher_module, "GPU_DETECT_TIMEOUT_S", 0.5)
+
+    assert detect_resources()["GPU"] == gpus
+
+
+def test_detect_resources_without_nvidia_smi_finds_no_gpu(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    assert detect_resources()["GPU"] == 0
 
 
 # --------------------------------------------------------------------------- orphans

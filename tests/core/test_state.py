@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgpack
 import pytest
 
 from trioserve.core import events as ev
@@ -14,10 +15,12 @@ from trioserve.core.state import (
     TRANSITIONS,
     AppStatus,
     ClusterState,
+    DeploymentStatus,
     IllegalTransition,
     ReplicaState,
     app_status,
     apply,
+    deployment_status,
     replay,
     state_from_bytes,
     state_to_bytes,
@@ -156,3 +159,124 @@ def test_starting_a_replica_of_a_deployment_being_removed_is_refused() -> None:
     apply(state, ev.AppDeleted(at=1.0, app="app"))
     with pytest.raises(IllegalTransition, match="being removed"):
         apply(state, replica_event("ReplicaStarting"))
+
+
+# ------------------------------------------------------------------------- placement
+
+GPU_SPEC = DeploymentSpec(
+    name="Model",
+    code_version="v1",
+    config=DeploymentConfig(
+        num_replicas=3, ray_actor_options={"num_gpus": 1, "num_cpus": 2, "memory": 2**30}
+    ),
+)
+PENDING = (
+    "1 replica of 'Model' cannot be placed: it needs {'CPU': 2.0, 'GPU': 1.0, "
+    "'memory': 1073741824.0} and the instance has {'GPU': 0.0} free of {'GPU': 2.0}."
+)
+
+
+def placed_state() -> ClusterState:
+    """An instance with 2 GPUs, two replicas placed on them and a third pending."""
+    state = ClusterState()
+    apply(
+        state,
+        ev.ControllerStarted(
+            at=0.0,
+            instance_id="i",
+            pid=1,
+            resources={"CPU": 8, "GPU": 2, "memory": 2.0**34, "accelerator": 1},
+        ),
+    )
+    apply(
+        state,
+        ev.AppDeployed(at=0, app="app", route_prefix="/", ingress="Model", deployments=(GPU_SPEC,)),
+    )
+    for d in decide(state, 1.0):
+        apply(state, d)
+    return state
+
+
+def test_controller_started_sets_the_resources_as_floats_and_none_turns_accounting_off() -> None:
+    state = placed_state()
+    assert state.resources == {"CPU": 8.0, "GPU": 2.0, "memory": 2.0**34, "accelerator": 1.0}
+    assert all(isinstance(v, float) for v in state.resources.values())
+
+    apply(state, ev.ControllerStarted(at=5.0, instance_id="i", pid=2))
+    assert state.resources is None
+
+
+def test_replica_starting_records_gpu_ids_and_demand_and_pending_is_kept() -> None:
+    state = placed_state()
+    replicas = list(state.replicas.values())
+    assert [(r.id, r.gpu_ids) for r in replicas] == [("app#Model#1", (0,)), ("app#Model#2", (1,))]
+    assert replicas[0].demand == {"CPU": 2.0, "GPU": 1.0, "memory": 2.0**30}
+    dep = state.apps["app"].deployments["Model"]
+    assert dep.pending == PENDING
+
+
+def test_snapshot_round_trip_keeps_resources_gpu_ids_demand_and_pending() -> None:
+    state = placed_state()
+
+    again = state_from_bytes(state_to_bytes(state))
+
+    assert again == state
+    assert again.resources == state.resources
+    assert again.replicas["app#Model#2"].gpu_ids == (1,)
+    assert isinstance(again.replicas["app#Model#2"].gpu_ids, tuple)
+    assert again.replicas["app#Model#2"].demand == {"CPU": 2.0, "GPU": 1.0, "memory": 2.0**30}
+    assert again.apps["app"].deployments["Model"].pending == PENDING
+    assert decide(again, 2.0) == decide(state, 2.0) == []
+
+
+def test_a_snapshot_from_before_placement_still_loads() -> None:
+    state = placed_state()
+    top = msgpack.unpackb(state_to_bytes(state), raw=False)
+    del top["resources"]
+    for app in top["apps"]:
+        for dep in app["deployments"]:
+            del dep["pending"]
+            for r in dep["replicas"]:
+                del r["gpu_ids"], r["demand"]
+
+    old = state_from_bytes(msgpack.packb(top, use_bin_type=True))
+
+    assert old.resources is None
+    assert old.apps["app"].deployments["Model"].pending == ""
+    replica = old.replicas["app#Model#1"]
+    assert replica.gpu_ids == ()
+    assert replica.demand == {"CPU": 2.0, "GPU": 1.0, "memory": 2.0**30}  # from its spec
+
+
+def test_deployment_pending_sets_and_clears_the_message_and_needs_the_deployment() -> None:
+    state = base_state()
+    apply(state, ev.DeploymentPending(at=1.0, app="app", deployment="D", message="no room"))
+    assert state.apps["app"].deployments["D"].pending == "no room"
+    apply(state, ev.DeploymentPending(at=2.0, app="app", deployment="D", message=""))
+    assert state.apps["app"].deployments["D"].pending == ""
+    with pytest.raises(IllegalTransition, match="no deployment 'E'"):
+        apply(state, ev.DeploymentPending(at=3.0, app="app", deployment="E", message="x"))
+
+
+def test_a_replica_starting_clears_the_pending_message() -> None:
+    state = base_state()
+    apply(state, ev.DeploymentPending(at=1.0, app="app", deployment="D", message="no room"))
+    apply(state, replica_event("ReplicaStarting"))
+    assert state.apps["app"].deployments["D"].pending == ""
+
+
+def test_the_status_message_says_why_replicas_are_pending() -> None:
+    state = placed_state()
+    dep = state.apps["app"].deployments["Model"]
+    status, message = deployment_status(dep)
+    assert status is DeploymentStatus.UPDATING
+    assert message == f"Deploying: 0 of 3 replicas running the new version. {PENDING}"
+    app, app_message = app_status(state.apps["app"])
+    assert app is AppStatus.DEPLOYING and "Model" in app_message
+
+    # A stale message is not shown on a healthy deployment.
+    apply(state, ev.DeploymentScaled(at=2.0, app="app", deployment="Model", num_replicas=2))
+    for r in list(state.replicas.values()):
+        apply(state, ev.ReplicaRunning(at=3.0, replica=r.id, address="x", pid=9))
+    assert dep.pending == PENDING
+    assert deployment_status(dep) == (DeploymentStatus.HEALTHY, "")

@@ -23,7 +23,7 @@ import sniffio
 import trioserve.replica.host as host_module
 from tests.apps.basic import Echo, plain_function
 from trioserve.core.config import DeploymentConfig
-from trioserve.exceptions import ReplicaRejected
+from trioserve.exceptions import RayServeException, ReplicaRejected
 from trioserve.replica import ReplicaHost, get_replica_context
 from trioserve.replica.host import load_source
 
@@ -599,7 +599,7 @@ def test_check_health_returns_stats_and_raises_when_unhealthy(run: Loop, flags: 
 
 
 def test_replica_context(run: Loop) -> None:
-    with pytest.raises(RuntimeError, match="may only be called from within a Serve replica"):
+    with pytest.raises(RayServeException, match="may only be called from within"):
         get_replica_context()
 
     async def body() -> None:

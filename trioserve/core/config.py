@@ -27,6 +27,8 @@ __all__ = [
     "DeploymentConfig",
     "LIGHTWEIGHT_FIELDS",
     "REPLICA_CONFIG_FIELDS",
+    "RESOURCE_OPTIONS",
+    "check_ray_actor_options",
 ]
 
 DEFAULT_MAX_ONGOING_REQUESTS = 5
@@ -72,8 +74,22 @@ class AutoscalingConfig:
     downscale_to_zero_delay_s: float | None = None
     upscale_delay_s: float = 30.0
     aggregation_function: str = "mean"
+    target_num_ongoing_requests_per_replica: float | None = None
+    """The older name of ``target_ongoing_requests``: accepted, with a warning."""
 
     def __post_init__(self) -> None:
+        old = self.target_num_ongoing_requests_per_replica
+        if old is not None:
+            from trioserve.exceptions import warn_deprecated
+
+            warn_deprecated(
+                "autoscaling_config 'target_num_ongoing_requests_per_replica'",
+                "'target_ongoing_requests'",
+                stacklevel=4,
+            )
+            if self.target_ongoing_requests == DEFAULT_TARGET_ONGOING_REQUESTS:
+                object.__setattr__(self, "target_ongoing_requests", old)
+            object.__setattr__(self, "target_num_ongoing_requests_per_replica", None)
         if self.min_replicas < 0:
             raise ConfigError(f"min_replicas must be >= 0, got {self.min_replicas}")
         if self.max_replicas < 1:
@@ -135,7 +151,9 @@ class AutoscalingConfig:
         return self.min_replicas
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        del data["target_num_ongoing_requests_per_replica"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AutoscalingConfig:
@@ -222,6 +240,8 @@ class DeploymentConfig:
             raise ConfigError(
                 f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}"
             )
+        if self.ray_actor_options is not None:
+            check_ray_actor_options(self.ray_actor_options)
 
     @property
     def initial_target(self) -> int:
@@ -269,6 +289,51 @@ class DeploymentConfig:
         if isinstance(autoscaling, Mapping):
             fields["autoscaling_config"] = AutoscalingConfig.from_dict(autoscaling)
         return cls(**fields)
+
+
+RESOURCE_OPTIONS = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+"""The ``ray_actor_options`` that reserve a built-in resource, and its name."""
+
+
+def _resource_amount(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"ray_actor_options {name} must be a number, got {value!r}")
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"ray_actor_options {name} must be a non-negative number, got {value!r}")
+
+
+def check_ray_actor_options(options: Any) -> None:
+    """Validate the resource entries of ``ray_actor_options``; raise :class:`ConfigError`
+    naming the option. Other options (``runtime_env``, ...) are not looked at here."""
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"ray_actor_options must be a dict, got {options!r}")
+    for name in RESOURCE_OPTIONS:
+        value = options.get(name)
+        if value is not None:
+            _resource_amount(name, value)
+    gpus = options.get("num_gpus")
+    if gpus is not None and gpus > 1 and not float(gpus).is_integer():
+        raise ConfigError(
+            f"ray_actor_options num_gpus must be a whole number when above 1, got {gpus!r}"
+        )
+    custom = options.get("resources")
+    if custom is None:
+        return
+    if not isinstance(custom, Mapping):
+        raise ConfigError(f"ray_actor_options resources must be a dict, got {custom!r}")
+    for key, value in custom.items():
+        if not isinstance(key, str) or not key:
+            raise ConfigError(
+                f"ray_actor_options resources: a resource name must be a non-empty string, "
+                f"got {key!r}"
+            )
+        if key in RESOURCE_OPTIONS.values():
+            option = next(o for o, n in RESOURCE_OPTIONS.items() if n == key)
+            raise ConfigError(
+                f"ray_actor_options resources: use the {option!r} option instead of {key!r} "
+                "in 'resources'"
+            )
+        _resource_amount(f"resources[{key!r}]", value)
 
 
 def _known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from trioserve.core.events import DeploymentSpec, Event
 from trioserve.core.journal import DEFAULT_SNAPSHOT_EVERY, Journal
 from trioserve.core.launcher import LaunchedProcess, Launcher, describe_exit
 from trioserve.core.state import (
+    AppStatus,
     ClusterState,
     IllegalTransition,
     Replica,
@@ -77,7 +78,9 @@ class Controller:
 
     ``log`` is the event log it owns, ``launcher`` starts replica processes,
     ``secret`` authenticates every RPC connection. ``clock`` gives the time
-    recorded in events (seconds).
+    recorded in events (seconds). ``resources`` is what the instance has for
+    replicas (resource name to amount, see :mod:`trioserve.core.placement`),
+    recorded in ``ControllerStarted``; ``None`` places every replica.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class Controller:
         stop_timeout_s: float = 10.0,
         snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
         clock: Callable[[], float] = time.time,
+        resources: Mapping[str, float] | None = None,
     ) -> None:
         self.log = log
         self.launcher = launcher
@@ -102,6 +106,9 @@ class Controller:
         self.stop_timeout_s = stop_timeout_s
         self.snapshot_every = snapshot_every
         self.clock = clock
+        self.resources = (
+            None if resources is None else {str(k): float(v) for k, v in resources.items()}
+        )
         self.address = ""
         self._journal: Journal | None = None
         self._lock = anyio.Lock()
@@ -144,6 +151,7 @@ class Controller:
                             pid=os.getpid(),
                             start_timeout_s=self.start_timeout_s,
                             stop_timeout_s=self.stop_timeout_s,
+                            resources=self.resources,
                         )
                     ],
                     durable=True,
@@ -290,7 +298,12 @@ class Controller:
         loop = self.state.deployment_of(r).spec.config.event_loop
         self._launching.add(replica)
         try:
-            proc = await self.launcher.start_replica(replica, self.address, event_loop=loop)
+            if r.demand.get("GPU", 0.0) > 0:
+                proc = await self.launcher.start_replica(
+                    replica, self.address, event_loop=loop, gpu_ids=r.gpu_ids
+                )
+            else:
+                proc = await self.launcher.start_replica(replica, self.address, event_loop=loop)
         except Exception as exc:
             error = f"could not start the replica process: {exc}"
             log.error("replica %s: %s", replica, error)
@@ -479,6 +492,7 @@ class Controller:
             "deploy": self.deploy,
             "delete": self.delete,
             "status": self.status,
+            "wait_app": self.wait_app,
             "listen": self.listen,
             "put_blob": self.put_blob,
             "get_blob": self.get_blob,
@@ -509,6 +523,17 @@ class Controller:
         )
         if not specs:
             raise ValueError(f"application {app!r} has no deployments")
+        for other in self.state.apps.values():
+            if (
+                other.name != app
+                and not other.deleting
+                and route_prefix is not None
+                and other.route_prefix == route_prefix
+            ):
+                raise ValueError(
+                    f'Prefix {route_prefix} is being used by application "{other.name}". '
+                    f'Failed to deploy application "{app}".'
+                )
         event = ev.AppDeployed(
             at=self.clock(),
             app=app,
@@ -535,6 +560,21 @@ class Controller:
         """Applications, deployments and replicas, with statuses and messages."""
         async with self._lock:
             return status_of(self.state)
+
+    async def wait_app(
+        self, app: str, timeout_s: float = LONG_POLL_TIMEOUT_S
+    ) -> dict[str, Any] | None:
+        """Long-poll: the status of ``app`` once it is no longer DEPLOYING (or after
+        ``timeout_s``); None if there is no such application."""
+
+        def settled(state: ClusterState) -> bool:
+            a = state.apps.get(app)
+            return a is None or app_status(a)[0] is not AppStatus.DEPLOYING
+
+        with contextlib.suppress(TimeoutError):
+            await self.wait_for(settled, min(timeout_s, LONG_POLL_TIMEOUT_S))
+        status: dict[str, Any] | None = status_of(self.state)["applications"].get(app)
+        return status
 
     async def put_blob(self, data: bytes) -> str:
         """Store code or arguments in the log's blob table; returns the digest."""
@@ -630,6 +670,7 @@ def _published_values(state: ClusterState) -> dict[str, Any]:
                 ],
                 "max_ongoing_requests": config.max_ongoing_requests,
                 "max_queued_requests": config.max_queued_requests,
+                "failed": dep.failed,
             }
     return values
 

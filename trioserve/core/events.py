@@ -7,8 +7,8 @@ Events come in three families (see ``docs/events.md``):
 * **observations** - what the controller saw happen in the world
   (:class:`ReplicaRunning`, :class:`ReplicaDied`, :class:`HealthCheckFailed`, ...);
 * **decisions** - what :func:`trioserve.core.reconcile.decide` chose to do
-  (:class:`ReplicaStarting`, :class:`ReplicaDraining`, :class:`AutoscaleDecision`, ...),
-  each carrying its reason and evidence.
+  (:class:`ReplicaStarting`, :class:`ReplicaDraining`, :class:`AutoscaleDecision`,
+  :class:`DeploymentPending`, ...), each carrying its reason and evidence.
 
 Every event is a frozen dataclass with a ``KIND`` (its class name) and a
 ``VERSION``. :func:`encode` turns an event into ``(kind, version, payload)``,
@@ -39,6 +39,7 @@ __all__ = [
     "ControllerStarted",
     "DECISION_KINDS",
     "DeploymentFailed",
+    "DeploymentPending",
     "DeploymentRemoved",
     "DeploymentScaled",
     "DeploymentSpec",
@@ -212,17 +213,25 @@ class DeploymentScaled(Event):
 class ControllerStarted(Event):
     """Observation: a controller took charge of this log.
 
-    Carries the controller's timing settings, so that replaying the log (and
-    re-checking its decisions) uses the settings the decisions were made with.
+    Carries the controller's timing settings and the resources the instance
+    declares, so that replaying the log (and re-checking its decisions) uses
+    the settings the decisions were made with. ``resources`` maps a resource
+    name (``"CPU"``, ``"GPU"``, ``"memory"`` in bytes, or a custom name) to
+    the amount the instance has; ``None`` means no accounting: every replica
+    fits.
+
+    Version 2 added ``resources`` (version 1 is read as ``None``).
     """
 
     KIND: ClassVar[str] = "ControllerStarted"
+    VERSION: ClassVar[int] = 2
     FAMILY: ClassVar[str] = "observation"
 
     instance_id: str
     pid: int
     start_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
+    resources: dict[str, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,9 +318,16 @@ class HealthCheckPassed(Event):
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaStarting(Event):
-    """Decision: start a new replica of a deployment at the given versions."""
+    """Decision: start a new replica of a deployment at the given versions.
+
+    ``gpu_ids`` are the GPUs (numbered from 0) the replica was placed on; empty
+    when it asked for none or the instance does no accounting.
+
+    Version 2 added ``gpu_ids`` (version 1 is read as ``()``).
+    """
 
     KIND: ClassVar[str] = "ReplicaStarting"
+    VERSION: ClassVar[int] = 2
     FAMILY: ClassVar[str] = "decision"
 
     replica: str
@@ -320,6 +336,13 @@ class ReplicaStarting(Event):
     code_version: str
     config_version: str
     reason: str
+    gpu_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> ReplicaStarting:
+        data = dict(payload)
+        data["gpu_ids"] = tuple(data.get("gpu_ids", ()))
+        return cls(**data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -399,6 +422,23 @@ class DeploymentFailed(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class DeploymentPending(Event):
+    """Decision: some wanted replicas of a deployment cannot be placed now.
+
+    ``message`` says why, for an operator (what a replica needs, what is free
+    and what the instance has). It is recorded once per change of message; an
+    empty message says that nothing is pending any more.
+    """
+
+    KIND: ClassVar[str] = "DeploymentPending"
+    FAMILY: ClassVar[str] = "decision"
+
+    app: str
+    deployment: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
 class DeploymentRemoved(Event):
     """Decision: a deployment that is no longer wanted has no replica left; forget it."""
 
@@ -468,10 +508,23 @@ for _cls in (
     ReplicaKilled,
     AutoscaleDecision,
     DeploymentFailed,
+    DeploymentPending,
     DeploymentRemoved,
     AppRemoved,
 ):
     register(_cls)
+
+
+def _controller_started_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "resources": None}
+
+
+def _replica_starting_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    return {**data, "gpu_ids": []}
+
+
+register_upcaster("ControllerStarted", 1, _controller_started_v1_to_v2)
+register_upcaster("ReplicaStarting", 1, _replica_starting_v1_to_v2)
 
 DECISION_KINDS = frozenset(k for k, c in EVENT_TYPES.items() if c.FAMILY == "decision")
 """The kinds that :func:`trioserve.core.reconcile.decide` emits."""

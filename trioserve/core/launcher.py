@@ -17,6 +17,15 @@ exits, and processes are spawned from worker threads.
 In **daemon** mode there is no lifeline: children outlive a controller crash so
 that the next controller can adopt them. In both modes children run in their
 own session, so a Ctrl-C at the terminal reaches the driver, not its replicas.
+
+GPUs
+----
+A replica placed on GPUs (``gpu_ids``, numbered from 0 as
+:mod:`trioserve.core.placement` assigns them) sees only those, through
+``CUDA_VISIBLE_DEVICES``. When the launcher's own environment already limits
+the GPUs with ``CUDA_VISIBLE_DEVICES``, id ``n`` is its ``n``-th entry, as
+:func:`detect_resources` counted them. :func:`detect_resources` tells what this
+machine has, for ``ControllerStarted``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +44,17 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-__all__ = ["LaunchedProcess", "Launcher", "LocalProcessLauncher", "describe_exit"]
+__all__ = [
+    "GPU_DETECT_TIMEOUT_S",
+    "LaunchedProcess",
+    "Launcher",
+    "LocalProcessLauncher",
+    "describe_exit",
+    "detect_resources",
+]
+
+GPU_DETECT_TIMEOUT_S = 5.0
+"""How long ``nvidia-smi -L`` may take before the machine is taken to have no GPU."""
 
 
 class LaunchedProcess(Protocol):
@@ -58,9 +78,18 @@ class Launcher(Protocol):
     """What the controller needs to start replicas."""
 
     async def start_replica(
-        self, replica: str, controller: str, *, event_loop: str = "asyncio"
+        self,
+        replica: str,
+        controller: str,
+        *,
+        event_loop: str = "asyncio",
+        gpu_ids: Sequence[int] | None = None,
     ) -> LaunchedProcess:
-        """Start the replica ``replica``, told to call the controller at ``controller``."""
+        """Start the replica ``replica``, told to call the controller at ``controller``.
+
+        ``gpu_ids`` are the GPUs it was placed on: it sees only those. ``None``
+        or ``()`` (it asked for none) leaves its environment as it is.
+        """
 
     def close(self) -> None:
         """Release the launcher; in embedded mode its children stop."""
@@ -138,8 +167,13 @@ class LocalProcessLauncher:
         """Where the process ``name`` writes its output."""
         return self.log_dir / f"{_file_name(name)}.log"
 
-    async def start(self, name: str, argv: Sequence[str]) -> LaunchedProcess:
-        """Start ``argv`` as the process ``name``, output appended to its log file."""
+    async def start(
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    ) -> LaunchedProcess:
+        """Start ``argv`` as the process ``name``, output appended to its log file.
+
+        ``env`` holds variables set for this process on top of the launcher's.
+        """
         if self.embedded and self._lifeline is None:
             raise RuntimeError("the launcher is closed")
         pass_fds: tuple[int, ...] = ()
@@ -153,15 +187,36 @@ class LocalProcessLauncher:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env=self.env if not env else {**self.env, **env},
                 start_new_session=True,
                 pass_fds=pass_fds,
             )
         return _Child(process)
 
+    def gpu_env(self, gpu_ids: Sequence[int] | None) -> dict[str, str]:
+        """The variables that show a replica placed on ``gpu_ids`` only those GPUs.
+
+        Empty for ``None`` or ``()``. Ids index the entries of the launcher's own
+        ``CUDA_VISIBLE_DEVICES`` when it is set, else they are device ids.
+        """
+        if not gpu_ids:
+            return {}
+        visible = _visible_devices(self.env)
+        devices = [
+            visible[gpu] if visible is not None and 0 <= gpu < len(visible) else str(gpu)
+            for gpu in gpu_ids
+        ]
+        return {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
+
     async def start_replica(
-        self, replica: str, controller: str, *, event_loop: str = "asyncio"
+        self,
+        replica: str,
+        controller: str,
+        *,
+        event_loop: str = "asyncio",
+        gpu_ids: Sequence[int] | None = None,
     ) -> LaunchedProcess:
+        """Start the replica process; with ``gpu_ids`` it sees only those GPUs."""
         return await self.start(
             f"replica-{replica}",
             [
@@ -177,6 +232,7 @@ class LocalProcessLauncher:
                 "--loop",
                 event_loop,
             ],
+            env=self.gpu_env(gpu_ids),
         )
 
     def close(self) -> None:
@@ -186,3 +242,74 @@ class LocalProcessLauncher:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self._lifeline = None
+
+
+def _visible_devices(env: Mapping[str, str]) -> list[str] | None:
+    """The entries of ``CUDA_VISIBLE_DEVICES`` in ``env`` (None when it is not set).
+
+    As CUDA reads it: entries up to the first empty or negative one.
+    """
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    devices: list[str] = []
+    for entry in value.split(","):
+        entry = entry.strip()
+        if not entry or entry.startswith("-"):
+            break
+        devices.append(entry)
+    return devices
+
+
+def _gpu_count() -> int:
+    visible = _visible_devices(os.environ)
+    if visible is not None:
+        return len(visible)
+    command = shutil.which("nvidia-smi")
+    if command is None:
+        return 0
+    try:
+        done = subprocess.run(
+            [command, "-L"],
+            capture_output=True,
+            text=True,
+            timeout=GPU_DETECT_TIMEOUT_S,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    if done.returncode != 0:
+        return 0
+    return sum(1 for line in done.stdout.splitlines() if line.startswith("GPU "))
+
+
+def _memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    value, *unit = line.split()[1:]
+                    scale = 1024 if unit and unit[0].lower() == "kb" else 1
+                    return int(value) * scale
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def detect_resources() -> dict[str, float]:
+    """What this machine has for replicas: ``{"CPU": ..., "GPU": ..., "memory": bytes}``.
+
+    CPUs are ``os.cpu_count()``; memory is ``MemTotal`` of ``/proc/meminfo``
+    (else physical pages times page size); GPUs are the entries of
+    ``CUDA_VISIBLE_DEVICES`` when it is set, else the devices ``nvidia-smi -L``
+    lists within :data:`GPU_DETECT_TIMEOUT_S` (0 when it is missing or fails).
+    """
+    return {
+        "CPU": float(os.cpu_count() or 1),
+        "GPU": float(_gpu_count()),
+        "memory": float(_memory_bytes()),
+    }

@@ -30,7 +30,7 @@ def describe(event: Event) -> str:
     if isinstance(event, ev.DeploymentScaled):
         return f"to {event.num_replicas} replica(s)"
     if isinstance(event, ev.ControllerStarted):
-        return f"instance {event.instance_id}, pid {event.pid}"
+        return f"instance {event.instance_id}, pid {event.pid}, resources {event.resources}"
     if isinstance(event, ev.ReplicaRunning):
         return f"at {event.address}, pid {event.pid}"
     if isinstance(event, (ev.ReplicaStartFailed, ev.DeploymentFailed)):
@@ -43,7 +43,10 @@ def describe(event: Event) -> str:
     if isinstance(event, ev.HealthCheckFailed):
         return f"{event.consecutive} in a row: {event.error}"
     if isinstance(event, ev.ReplicaStarting):
-        return f"{event.reason} (code {event.code_version})"
+        gpus = f", GPUs {list(event.gpu_ids)}" if event.gpu_ids else ""
+        return f"{event.reason} (code {event.code_version}{gpus})"
+    if isinstance(event, ev.DeploymentPending):
+        return event.message or "nothing pending any more"
     if isinstance(event, ev.ReplicaReconfigured):
         return f"config {event.config_version}"
     if isinstance(event, ev.AutoscaleDecision):

@@ -32,19 +32,32 @@ The rules, per deployment, in the order they are applied:
     oldest running replicas of an older code version;
 11. **start** - start current replicas up to the target; during a rolling
     update up to 20 % (at least one) more than the target may be active, so
-    new replicas start before old ones drain;
+    new replicas start before old ones drain. A replica starts only when what
+    it needs (:func:`trioserve.core.placement.demand`) fits in what is free,
+    counting the replicas started earlier in the same call, and it is given
+    its GPU ids then;
 12. **forget** - a deployment no longer wanted with no replica left is
     removed, and an application being deleted with no deployment left.
+
+After every deployment's rules, **pending**: a deployment with replicas it
+wants but cannot place gets a ``DeploymentPending`` saying why, once per
+change of that message; one whose state still holds a message when nothing
+is pending any more gets ``DeploymentPending(message="")`` (applying a
+``ReplicaStarting`` clears the message too). These come last, and their
+messages are computed from what is free after every start of the call, so
+that ``decide`` stays prefix-closed across deployments.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
 from trioserve.core import events as ev
 from trioserve.core.autoscaling import LoadSample, autoscale
 from trioserve.core.events import Event
+from trioserve.core.placement import Ledger, demand
 from trioserve.core.state import (
     HEALTH_CHECK_FAILURE_THRESHOLD,
     REASON_START_TIMEOUT,
@@ -90,15 +103,51 @@ def decide(state: ClusterState, now: float, load: Load | None = None) -> list[Ev
     """
     out: list[Event] = []
     numbers = _Counter(state.next_replica)
+    ledger = Ledger.of(state)
+    outcomes: list[tuple[Deployment, _Outcome]] = []
     for app in state.apps.values():
         remaining = len(app.deployments)
         for dep in app.deployments.values():
             samples = None if load is None else load.get((app.name, dep.name))
-            removed = _decide_deployment(state, dep, now, samples, numbers, out)
-            remaining -= removed
+            outcome = _decide_deployment(state, dep, now, samples, numbers, ledger, out)
+            outcomes.append((dep, outcome))
+            remaining -= outcome.removed
         if app.deleting and remaining == 0:
             out.append(ev.AppRemoved(at=now, app=app.name))
+    # pending: after every start, so each message sees what is finally free
+    for dep, outcome in outcomes:
+        if outcome.removed:
+            continue
+        message = ""
+        if outcome.unplaced and ledger is not None:
+            message = ledger.why_not(dep.name, outcome.unplaced, outcome.need)
+            if outcome.rolling and not ledger.never_fits(outcome.need):
+                message += (
+                    " A rolling update starts new replicas before it stops old ones, "
+                    "so it waits until there is room for them."
+                )
+        held = "" if outcome.started else dep.pending
+        if message != held:
+            out.append(
+                ev.DeploymentPending(at=now, app=dep.app, deployment=dep.name, message=message)
+            )
     return out
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What :func:`_decide_deployment` did that ``decide`` needs afterwards."""
+
+    removed: int = 0
+    """1 if the deployment is removed."""
+    started: bool = False
+    """A replica was started (applying it clears the pending message)."""
+    unplaced: int = 0
+    """Replicas it wanted to start but could not place."""
+    need: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """What one of its replicas needs."""
+    rolling: bool = False
+    """The unplaced replicas are part of a rolling update."""
 
 
 class _Counter:
@@ -117,9 +166,12 @@ def _decide_deployment(
     now: float,
     samples: Sequence[LoadSample] | None,
     numbers: _Counter,
+    ledger: Ledger | None,
     out: list[Event],
-) -> int:
-    """Append the deployment's decisions to ``out``; return 1 if it is removed."""
+) -> _Outcome:
+    """Append the deployment's decisions to ``out``; say whether it is removed and
+    what could not be placed."""
+    outcome = _Outcome()
     app, name = dep.app, dep.name
     config = dep.spec.config
     target = dep.goal
@@ -253,7 +305,14 @@ def _decide_deployment(
         reason = "rolling update" if outdated_running else "scale up"
         if dep.failures or failures:
             reason = f"{reason} (retry after {failures} failed start(s))"
+        need = demand(config) if ledger is not None else {}
         while len(current) < target and active_count < target + surge:
+            gpu_ids = () if ledger is None else ledger.place(need)
+            if gpu_ids is None:
+                outcome.unplaced = min(target - len(current), target + surge - active_count)
+                outcome.need = need
+                outcome.rolling = bool(outdated_running)
+                break
             number = numbers.take()
             out.append(
                 ev.ReplicaStarting(
@@ -264,16 +323,18 @@ def _decide_deployment(
                     code_version=dep.code_version,
                     config_version=dep.config_version,
                     reason=reason,
+                    gpu_ids=gpu_ids,
                 )
             )
+            outcome.started = True
             current.append(_PLACEHOLDER)
             active_count += 1
 
     # 12. forget
     if not dep.wanted and not dep.replicas:
         out.append(ev.DeploymentRemoved(at=now, app=app, deployment=name))
-        return 1
-    return 0
+        outcome.removed = 1
+    return outcome
 
 
 _PLACEHOLDER = Replica(

@@ -423,10 +423,15 @@ class Connection:
         self._calls: dict[int, _Pending | Stream] = {}
         self._closed = False
         self._reason = ""
+        self._closed_event = anyio.Event()
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    async def wait_closed(self) -> None:
+        """Return once the connection is closed, by either side."""
+        await self._closed_event.wait()
 
     def _lost_reason(self) -> str:
         return f"connection to {self.address} lost" + (f": {self._reason}" if self._reason else "")
@@ -514,6 +519,7 @@ class Connection:
 
     def _fail_all(self) -> None:
         self._closed = True
+        self._closed_event.set()
         calls, self._calls = self._calls, {}
         for target in calls.values():
             if isinstance(target, _Pending):
@@ -526,6 +532,7 @@ class Connection:
         """Close the connection; pending calls raise :class:`ConnectionLost`."""
         self._reason = self._reason or "closed"
         self._closed = True
+        self._closed_event.set()
         with anyio.CancelScope(shield=True):
             await anyio.aclose_forcefully(self._frames.stream)
 

@@ -32,6 +32,7 @@ import msgpack
 
 from trioserve.core import events as ev
 from trioserve.core.events import DeploymentSpec, Event
+from trioserve.core.placement import demand
 
 __all__ = [
     "HEALTH_CHECK_FAILURE_THRESHOLD",
@@ -134,6 +135,11 @@ class Replica:
     health_failures: int = 0
     last_error: str = ""
     killed: bool = False
+    gpu_ids: tuple[int, ...] = ()
+    """The GPUs it was placed on (``ReplicaStarting.gpu_ids``)."""
+    demand: dict[str, float] = dataclasses.field(default_factory=dict)
+    """What it reserves (from its deployment's ``ray_actor_options`` when it started);
+    held until the replica is gone."""
 
 
 @dataclasses.dataclass
@@ -158,6 +164,8 @@ class Deployment:
     scale_direction: int = 0
     """+1 / -1 while a change of target is being carried out, else 0."""
     last_scale_at: float | None = None
+    pending: str = ""
+    """Why wanted replicas cannot be placed now (``DeploymentPending``); empty if none."""
     replicas: dict[str, Replica] = dataclasses.field(default_factory=dict)
 
     @property
@@ -207,6 +215,9 @@ class ClusterState:
     controller_pid: int | None = None
     start_timeout_s: float = 300.0
     stop_timeout_s: float = 10.0
+    resources: dict[str, float] | None = None
+    """What the instance has for replicas, by resource name (``ControllerStarted``);
+    ``None``: no accounting, every replica fits."""
     applied: int = 0
     """How many events were applied."""
 
@@ -248,7 +259,10 @@ def check(state: ClusterState, event: Event) -> None:
                     f"replica {replica_id!r}: deployment {event.app}/{event.deployment} "
                     "is being removed"
                 )
-    elif isinstance(event, (ev.DeploymentScaled, ev.AutoscaleDecision, ev.DeploymentFailed)):
+    elif isinstance(
+        event,
+        (ev.DeploymentScaled, ev.AutoscaleDecision, ev.DeploymentFailed, ev.DeploymentPending),
+    ):
         state.deployment(event.app, event.deployment)
     elif isinstance(event, ev.DeploymentRemoved):
         dep = state.deployment(event.app, event.deployment)
@@ -336,6 +350,10 @@ def _on_app_deployed(state: ClusterState, event: Event) -> None:
         if target != dep.target_replicas:
             dep.scale_direction = 1 if target > dep.target_replicas else -1
             dep.target_replicas = target
+            if auto is None:
+                # A new num_replicas is a config update (UPDATING until it is
+                # reached), as in Ray Serve; UPSCALING is for autoscaling.
+                dep.version_reached = False
         if spec.code_version != dep.spec.code_version or not dep.wanted:
             dep.version_started = False
             dep.version_reached = False
@@ -375,6 +393,11 @@ def _on_controller_started(state: ClusterState, event: Event) -> None:
     state.controller_pid = event.pid
     state.start_timeout_s = event.start_timeout_s
     state.stop_timeout_s = event.stop_timeout_s
+    state.resources = (
+        None
+        if event.resources is None
+        else {str(name): float(amount) for name, amount in event.resources.items()}
+    )
 
 
 def _on_replica_starting(state: ClusterState, event: Event) -> None:
@@ -389,10 +412,13 @@ def _on_replica_starting(state: ClusterState, event: Event) -> None:
         config_version=event.config_version,
         since=event.at,
         reason=event.reason,
+        gpu_ids=tuple(event.gpu_ids),
+        demand=demand(dep.spec.config),
     )
     state.replicas[replica.id] = replica
     dep.replicas[replica.id] = replica
     state.next_replica += 1
+    dep.pending = ""
 
 
 def _on_replica_running(state: ClusterState, event: Event) -> None:
@@ -505,6 +531,11 @@ def _on_deployment_failed(state: ClusterState, event: Event) -> None:
     dep.last_error = event.error
 
 
+def _on_deployment_pending(state: ClusterState, event: Event) -> None:
+    assert isinstance(event, ev.DeploymentPending)
+    state.deployment(event.app, event.deployment).pending = event.message
+
+
 def _on_deployment_removed(state: ClusterState, event: Event) -> None:
     assert isinstance(event, ev.DeploymentRemoved)
     del state.apps[event.app].deployments[event.deployment]
@@ -550,6 +581,7 @@ _HANDLERS: dict[str, Callable[[ClusterState, Event], None]] = {
     "ReplicaKilled": _on_replica_killed,
     "AutoscaleDecision": _on_autoscale_decision,
     "DeploymentFailed": _on_deployment_failed,
+    "DeploymentPending": _on_deployment_pending,
     "DeploymentRemoved": _on_deployment_removed,
     "AppRemoved": _on_app_removed,
 }
@@ -559,7 +591,17 @@ _HANDLERS: dict[str, Callable[[ClusterState, Event], None]] = {
 
 
 def deployment_status(dep: Deployment) -> tuple[DeploymentStatus, str]:
-    """The deployment's status as Ray Serve names it, with a message for people."""
+    """The deployment's status as Ray Serve names it, with a message for people.
+
+    While some of its replicas cannot be placed, the message ends with why.
+    """
+    status, message = _status(dep)
+    if dep.pending and status not in (DeploymentStatus.HEALTHY, DeploymentStatus.DEPLOY_FAILED):
+        message = f"{message} {dep.pending}" if message else dep.pending
+    return status, message
+
+
+def _status(dep: Deployment) -> tuple[DeploymentStatus, str]:
     running = sum(1 for r in dep.replicas.values() if r.state is S.RUNNING and dep.is_current(r))
     goal = dep.goal
     if dep.failed:
@@ -655,6 +697,9 @@ def state_from_bytes(data: bytes) -> ClusterState:
             app.deployments[dep.name] = dep
             for r in replicas:
                 r["state"] = ReplicaState(r["state"])
+                r["gpu_ids"] = tuple(r.get("gpu_ids", ()))
+                if "demand" not in r:  # a snapshot from before placement
+                    r["demand"] = demand(dep.spec.config)
                 replica = Replica(**r)
                 dep.replicas[replica.id] = replica
                 state.replicas[replica.id] = replica

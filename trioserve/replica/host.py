@@ -26,6 +26,7 @@ Its :meth:`~ReplicaHost.rpc_methods` are what the replica's RPC server serves:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import importlib
 import inspect
@@ -38,9 +39,17 @@ import anyio
 import anyio.to_thread
 
 from trioserve.core.config import DeploymentConfig
-from trioserve.exceptions import ReplicaRejected
+from trioserve.exceptions import RayServeException, ReplicaRejected
 
-__all__ = ["ReplicaContext", "ReplicaHost", "get_replica_context", "load_source"]
+__all__ = [
+    "ReplicaContext",
+    "ReplicaHost",
+    "RequestContext",
+    "current_replica_app",
+    "get_multiplexed_model_id",
+    "get_replica_context",
+    "load_source",
+]
 
 log = logging.getLogger("trioserve.replica")
 
@@ -66,13 +75,42 @@ _context: ReplicaContext | None = None
 def get_replica_context() -> ReplicaContext:
     """The context of the replica this code runs in.
 
-    Raises ``RuntimeError`` outside a replica, as Ray Serve does.
+    Raises :class:`~trioserve.exceptions.RayServeException` outside a replica,
+    as Ray Serve does.
     """
     if _context is None:
-        raise RuntimeError(
-            "`serve.get_replica_context()` may only be called from within a Serve replica."
+        raise RayServeException(
+            "`serve.get_replica_context()` may only be called from within a trioserve deployment."
         )
     return _context
+
+
+def current_replica_app() -> str | None:
+    """The application of the replica this code runs in; None outside a replica."""
+    return None if _context is None else _context.app_name
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestContext:
+    """What the replica knows about the request being handled."""
+
+    request_id: str = ""
+    multiplexed_model_id: str = ""
+
+
+_NO_REQUEST = RequestContext()
+_request: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
+    "trioserve_request",
+    default=_NO_REQUEST,
+)
+
+
+def get_multiplexed_model_id() -> str:
+    """The model id of the request being handled (``""`` when it names none).
+
+    Set by ``handle.options(multiplexed_model_id=...)``.
+    """
+    return _request.get().multiplexed_model_id
 
 
 def load_source(source: str, blob: bytes | None = None) -> Any:
@@ -224,6 +262,7 @@ class ReplicaHost:
         """Run one call of the user object; rejected when full or draining."""
         with self._admit():
             fn = self._method(str(meta.get("method", "__call__")))
+            _request.set(_request_context(meta))
             result = await self._invoke(fn, args, kwargs or {})
             if inspect.isasyncgen(result) or inspect.isgenerator(result):
                 raise TypeError(
@@ -239,6 +278,7 @@ class ReplicaHost:
         """Iterate over what a generator method yields, one chunk per item."""
         with self._admit():
             fn = self._method(str(meta.get("method", "__call__")))
+            _request.set(_request_context(meta))
             if inspect.isasyncgenfunction(fn):
                 agen = fn(*args, **(kwargs or {}))
                 try:
@@ -328,6 +368,13 @@ class ReplicaHost:
             "accepting": self.accepting,
             "processed": self.processed,
         }
+
+
+def _request_context(meta: Mapping[str, Any]) -> RequestContext:
+    return RequestContext(
+        request_id=str(meta.get("request_id", "")),
+        multiplexed_model_id=str(meta.get("multiplexed_model_id", "")),
+    )
 
 
 def _changed(old: DeploymentConfig, new: DeploymentConfig) -> str:

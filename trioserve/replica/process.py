@@ -34,6 +34,7 @@ import anyio
 
 from trioserve.core import rpc
 from trioserve.core.config import DeploymentConfig
+from trioserve.core.routing import InstanceAddress, set_current_instance
 from trioserve.replica.host import ReplicaHost, load_source
 
 __all__ = ["LOAD_REPORT_PERIOD_S", "main"]
@@ -108,6 +109,8 @@ def _watch_lifeline(fd: int) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     secret = rpc.load_secret(args.secret_file, create=False)
+    # Handles in this replica (model composition) talk to the same instance.
+    set_current_instance(InstanceAddress(args.controller, secret))
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(_signals, stop)
@@ -118,6 +121,7 @@ async def _run(args: argparse.Namespace) -> int:
                 tg.cancel_scope.cancel()
                 return 1
             config = DeploymentConfig.from_dict(info["config"])
+            _apply_logging_config(config)
             host = ReplicaHost(args.replica, info["app"], info["deployment"], config)
             server = rpc.Server(host.rpc_methods(), secret, name=f"replica {args.replica}")
             address = await tg.start(server.serve, args.listen)
@@ -145,6 +149,13 @@ async def _run(args: argparse.Namespace) -> int:
         log.info("stopped after %d request(s)", host.processed)
         tg.cancel_scope.cancel()
     return 0
+
+
+def _apply_logging_config(config: DeploymentConfig) -> None:
+    """Honour ``logging_config.log_level`` for the replica's and the user's loggers."""
+    level = (config.logging_config or {}).get("log_level")
+    if isinstance(level, str) and level.upper() in logging.getLevelNamesMapping():
+        logging.getLogger().setLevel(level.upper())
 
 
 async def _signals(stop: anyio.Event) -> None:

@@ -1,0 +1,434 @@
+"""Replica choice for handles and the proxy: which replica gets the next request.
+
+The pieces, from the bottom up:
+
+:class:`LongPollClient`
+    one connection to the controller that long-polls ``listen`` for the keys
+    its subscribers care about (``replicas/<app>/<deployment>``, ``routes``)
+    and hands every new value to them. When the controller is away it retries,
+    and the subscribers keep serving with what they have.
+:class:`ReplicaPool`
+    one multiplexed RPC connection per replica address, opened on first use.
+:class:`Router`
+    one per deployment: *power of two choices* over the RUNNING replicas,
+    by the number of requests this caller has in flight at each. A replica
+    at ``max_ongoing_requests`` (as far as this caller knows) is not chosen;
+    one that rejects a request (:class:`~trioserve.exceptions.ReplicaRejected`:
+    full, or draining) is skipped for a moment and the request goes
+    elsewhere; an unreachable one is skipped until the controller publishes
+    the replica set again. Requests wait at the caller while no replica can
+    take them, at most ``max_queued_requests`` of them
+    (:class:`~trioserve.exceptions.BackPressureError` beyond that).
+:class:`Routers`
+    the routers of one event loop, sharing one long-poll connection and one
+    pool: what a handle runtime or the proxy runs.
+
+Everything here is written with anyio and runs under trio and asyncio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from trioserve.core import rpc
+from trioserve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaDiedError,
+    ReplicaRejected,
+)
+
+__all__ = [
+    "InstanceAddress",
+    "LongPollClient",
+    "ReplicaPool",
+    "Router",
+    "Routers",
+    "current_instance",
+    "replicas_key",
+    "set_current_instance",
+]
+
+log = logging.getLogger("trioserve.routing")
+
+REJECTED_BACKOFF_S = 0.05
+"""How long a replica that rejected a request is skipped by this caller."""
+WAIT_STEP_MAX_S = 0.1
+"""The longest a queued request sleeps before looking at the replicas again."""
+LONG_POLL_RETRY_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceAddress:
+    """Where this process finds its instance: the controller's RPC address and the secret."""
+
+    controller: str
+    secret: bytes
+
+
+_instance: InstanceAddress | None = None
+
+
+def set_current_instance(instance: InstanceAddress | None) -> None:
+    """Make ``instance`` the one handles in this process talk to (None: no instance)."""
+    global _instance
+    _instance = instance
+
+
+def current_instance() -> InstanceAddress:
+    """The instance of this process; :class:`RayServeException` when there is none."""
+    if _instance is None:
+        raise RayServeException(
+            "There is no running trioserve instance in this process. "
+            "Call serve.run() or serve.start() first."
+        )
+    return _instance
+
+
+def replicas_key(app: str, deployment: str) -> str:
+    """The long-poll key of a deployment's replica set."""
+    return f"replicas/{app}/{deployment}"
+
+
+# ------------------------------------------------------------------------ long-poll
+
+
+class LongPollClient:
+    """Long-polls the controller for the subscribed keys; see the module docstring."""
+
+    def __init__(self, instance: InstanceAddress, *, timeout_s: float = 30.0) -> None:
+        self.instance = instance
+        self.timeout_s = timeout_s
+        self.versions: dict[str, int] = {}
+        self._subscribers: dict[str, list[Callable[[Any], None]]] = {}
+        self._scope: anyio.CancelScope | None = None
+
+    def subscribe(self, key: str, callback: Callable[[Any], None]) -> None:
+        """Call ``callback(value)`` with the key's value now (once known) and on every change."""
+        self._subscribers.setdefault(key, []).append(callback)
+        if key not in self.versions:
+            # -1: ask for the key's current value, even "never published" (None).
+            self.versions[key] = -1
+            if self._scope is not None:
+                self._scope.cancel()  # ask again, with the new key
+
+    async def run(self) -> None:
+        """Poll until cancelled, reconnecting when the controller is away."""
+        while True:
+            try:
+                async with rpc.connect(self.instance.controller, self.instance.secret) as ctl:
+                    while True:
+                        updates: Any = None
+                        with anyio.CancelScope() as scope:
+                            self._scope = scope
+                            updates = await ctl.call("listen", dict(self.versions), self.timeout_s)
+                        self._scope = None
+                        if scope.cancelled_caught or not isinstance(updates, Mapping):
+                            continue
+                        for key, (version, value) in updates.items():
+                            if version > self.versions.get(key, -1):
+                                self.versions[key] = version
+                                for callback in self._subscribers.get(key, ()):
+                                    callback(value)
+            except (OSError, rpc.RpcError) as exc:
+                log.debug("long-poll: the controller is unreachable (%s); retrying", exc)
+            except Exception:
+                log.exception("long-poll failed; retrying")
+            self._scope = None
+            await anyio.sleep(LONG_POLL_RETRY_S)
+
+
+# ------------------------------------------------------------------------ connections
+
+
+class _Attempt:
+    def __init__(self) -> None:
+        self.ready = anyio.Event()
+        self.conn: rpc.Connection | None = None
+        self.error: BaseException | None = None
+        self.scope = anyio.CancelScope()
+
+
+class ReplicaPool:
+    """One RPC connection per replica address, each held open by a task in ``tg``."""
+
+    def __init__(self, secret: bytes, tg: anyio.abc.TaskGroup) -> None:
+        self.secret = secret
+        self._tg = tg
+        self._attempts: dict[str, _Attempt] = {}
+
+    async def get(self, address: str) -> rpc.Connection:
+        """An open connection to ``address``; ``OSError`` / ``RpcError`` if it cannot be had."""
+        attempt = self._attempts.get(address)
+        if attempt is not None and attempt.conn is not None and not attempt.conn.closed:
+            return attempt.conn
+        if attempt is None or attempt.ready.is_set():
+            attempt = _Attempt()
+            self._attempts[address] = attempt
+            self._tg.start_soon(self._hold, address, attempt)
+        await attempt.ready.wait()
+        if attempt.conn is None or attempt.conn.closed:
+            raise attempt.error or rpc.ConnectionLost(f"connection to {address} lost")
+        return attempt.conn
+
+    async def _hold(self, address: str, attempt: _Attempt) -> None:
+        try:
+            with attempt.scope:
+                async with rpc.connect(address, self.secret) as conn:
+                    attempt.conn = conn
+                    attempt.ready.set()
+                    await conn.wait_closed()
+        except Exception as exc:
+            attempt.error = exc
+        finally:
+            attempt.ready.set()
+            if self._attempts.get(address) is attempt:
+                del self._attempts[address]
+
+    def forget(self, address: str) -> None:
+        """Close the connection to ``address`` (its replica is gone)."""
+        attempt = self._attempts.pop(address, None)
+        if attempt is not None:
+            attempt.scope.cancel()
+
+
+# ------------------------------------------------------------------------ router
+
+
+@dataclasses.dataclass
+class _Replica:
+    id: str
+    address: str
+    inflight: int = 0
+    skip_until: float = 0.0
+    unreachable: bool = False
+
+
+class Router:
+    """Routes the calls of one caller to the replicas of one deployment."""
+
+    def __init__(
+        self, app: str, deployment: str, pool: ReplicaPool, *, rng: random.Random | None = None
+    ) -> None:
+        self.app = app
+        self.deployment = deployment
+        self.pool = pool
+        self.rng = rng or random.Random()
+        self.replicas: dict[str, _Replica] = {}
+        self.max_ongoing_requests = 1
+        self.max_queued_requests = -1
+        self.known = False
+        self.exists = True
+        self.failed = False
+        self.queued = 0
+        self._changed = anyio.Event()
+        self._waiting = 0
+        """Requests waiting for a change (only then does a change need an event)."""
+
+    # -- the replica set
+
+    def update(self, value: Mapping[str, Any] | None) -> None:
+        """Take a new replica set from the controller (None: the deployment is gone)."""
+        self.known = True
+        if value is None:
+            self.exists = False
+            for r in self.replicas.values():
+                self.pool.forget(r.address)
+            self.replicas = {}
+        else:
+            self.exists = True
+            self.failed = bool(value.get("failed", False))
+            self.max_ongoing_requests = int(value.get("max_ongoing_requests", 1))
+            self.max_queued_requests = int(value.get("max_queued_requests", -1))
+            fresh: dict[str, _Replica] = {}
+            for item in value.get("replicas", ()):
+                old = self.replicas.get(item["id"])
+                if old is not None and old.address == item["address"]:
+                    old.unreachable = False
+                    fresh[old.id] = old
+                else:
+                    fresh[item["id"]] = _Replica(item["id"], item["address"])
+            for rid, r in self.replicas.items():
+                if rid not in fresh:
+                    self.pool.forget(r.address)
+            self.replicas = fresh
+        self._notify()
+
+    def _notify(self) -> None:
+        if self._waiting:
+            self._changed.set()
+            self._changed = anyio.Event()
+
+    def _check_available(self) -> None:
+        if not self.exists:
+            raise DeploymentUnavailableError(self.deployment, self.app, "it does not exist")
+        if self.failed and not self.replicas:
+            raise DeploymentUnavailableError(self.deployment, self.app, "it failed to deploy")
+
+    # -- choosing
+
+    async def _choose(self) -> _Replica:
+        """Reserve a slot at a replica, waiting (queued) until one has room."""
+        if 0 <= self.max_queued_requests <= self.queued:
+            raise BackPressureError(
+                num_queued_requests=self.queued, max_queued_requests=self.max_queued_requests
+            )
+        self.queued += 1
+        try:
+            step = 0.005
+            while True:
+                if self.known:
+                    self._check_available()
+                    now = anyio.current_time()
+                    limit = self.max_ongoing_requests
+                    candidates = [
+                        r
+                        for r in self.replicas.values()
+                        if r.inflight < limit and not r.unreachable and r.skip_until <= now
+                    ]
+                    if candidates:
+                        if len(candidates) == 1:
+                            chosen = candidates[0]
+                        else:
+                            a, b = self.rng.sample(candidates, 2)
+                            chosen = a if a.inflight <= b.inflight else b
+                        chosen.inflight += 1
+                        return chosen
+                changed = self._changed
+                self._waiting += 1
+                try:
+                    with anyio.move_on_after(step):
+                        await changed.wait()
+                finally:
+                    self._waiting -= 1
+                step = min(step * 2, WAIT_STEP_MAX_S)
+        finally:
+            self.queued -= 1
+
+    def _release(self, replica: _Replica) -> None:
+        replica.inflight -= 1
+        self._notify()
+
+    async def _connect(self, replica: _Replica) -> rpc.Connection | None:
+        try:
+            return await self.pool.get(replica.address)
+        except (OSError, rpc.RpcError, TimeoutError) as exc:
+            log.info("replica %s at %s is unreachable: %s", replica.id, replica.address, exc)
+            replica.unreachable = True
+            return None
+
+    # -- calling
+
+    async def call(self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None) -> Any:
+        """Send one request to a replica and return its result (or raise its exception)."""
+        while True:
+            replica = await self._choose()
+            try:
+                conn = await self._connect(replica)
+                if conn is None:
+                    continue
+                try:
+                    return await conn.call("handle_request", meta, args, kwargs or {})
+                except ReplicaRejected:
+                    replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
+                    continue
+                except rpc.ConnectionLost as exc:
+                    replica.unreachable = True
+                    raise self._died(replica) from exc
+            finally:
+                self._release(replica)
+
+    @contextlib.asynccontextmanager
+    async def stream(
+        self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
+    ) -> AsyncIterator[AsyncIterator[Any]]:
+        """Send one streaming request; the body iterates over the items the replica yields.
+
+        Leaving the body early cancels the generator in the replica.
+        """
+        while True:
+            replica = await self._choose()
+            try:
+                conn = await self._connect(replica)
+                if conn is None:
+                    continue
+                async with await conn.stream(
+                    "handle_request_streaming", meta, args, kwargs or {}
+                ) as items:
+                    try:
+                        first = await items.__anext__()
+                        empty = False
+                    except StopAsyncIteration:
+                        empty = True
+                    except ReplicaRejected:
+                        replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
+                        continue
+                    except rpc.ConnectionLost as exc:
+                        replica.unreachable = True
+                        raise self._died(replica) from exc
+                    yield self._rest(replica, items, None if empty else (first,))
+                    return
+            finally:
+                self._release(replica)
+
+    async def _rest(
+        self, replica: _Replica, items: rpc.Stream, first: tuple[Any] | None
+    ) -> AsyncIterator[Any]:
+        if first is None:
+            return
+        yield first[0]
+        try:
+            async for item in items:
+                yield item
+        except rpc.ConnectionLost as exc:
+            replica.unreachable = True
+            raise self._died(replica) from exc
+
+    def _died(self, replica: _Replica) -> ReplicaDiedError:
+        return ReplicaDiedError(
+            f"Replica {replica.id} of deployment '{self.deployment}' in application "
+            f"'{self.app}' died while handling the request; it is not retried, because "
+            "it may have had effects. The next request goes to a live replica."
+        )
+
+
+class Routers:
+    """The routers of one event loop: one long-poll connection, one pool, a router each.
+
+    Run it with ``await tg.start(routers.run)``; :meth:`get` may be called after that.
+    """
+
+    def __init__(self, instance: InstanceAddress) -> None:
+        self.instance = instance
+        self.long_poll = LongPollClient(instance)
+        self._routers: dict[tuple[str, str], Router] = {}
+        self._pool: ReplicaPool | None = None
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with anyio.create_task_group() as tg:
+            self._pool = ReplicaPool(self.instance.secret, tg)
+            tg.start_soon(self.long_poll.run)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def get(self, app: str, deployment: str) -> Router:
+        """The router of ``deployment`` in ``app``, subscribed to its replica set."""
+        key = (app, deployment)
+        router = self._routers.get(key)
+        if router is None:
+            assert self._pool is not None, "Routers.run has not started"
+            router = Router(app, deployment, self._pool)
+            self._routers[key] = router
+            self.long_poll.subscribe(replicas_key(app, deployment), router.update)
+        return router
