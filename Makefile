@@ -20,10 +20,9 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
-# Until the HTTP proxy lands, `make run` plays a scenario in the simulated
-# world and prints the replayed event log.
+# Serves examples/app.py at http://127.0.0.1:8000 until Ctrl-C.
 run: $(VENV)/.installed
-	$(BIN)/python -m simulations.demo
+	$(BIN)/python examples/app.py
 
 test: $(VENV)/.installed-test lint typecheck unit sim-ci
 
@@ -49,6 +48,7 @@ bench: $(VENV)/.installed-test
 	$(BIN)/python -m benchmarks.controller
 	$(BIN)/python -m benchmarks.rpc
 	$(BIN)/python -m benchmarks.handles
+	$(BIN)/python -m benchmarks.http
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Every instance a test starts (scripts in subprocesses too) serves HTTP on a
+# free port, so tests never collide with each other or with `make run` on 8000.
+os.environ.setdefault("TRIOSERVE_DEFAULT_HTTP_PORT", "0")
+
 
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
@@ -38,7 +42,8 @@ def serve_instance(serve_home: Path) -> Iterator[object]:
     pids: set[int] = set()
     try:
         yield serve
-        for app in serve.status().applications.values():
+        status = serve.status()
+        for app in status.applications.values():
             for dep in app.deployments.values():
                 pids |= {r.pid for r in dep.replicas if r.pid}
     finally:

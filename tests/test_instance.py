@@ -7,7 +7,7 @@ import pytest
 
 import trioserve
 from tests.apps import concepts
-from trioserve.exceptions import DeployFailedError, DeploymentUnavailableError
+from trioserve.exceptions import DeployFailedError, DeploymentUnavailableError, RayServeException
 
 DEADLINE_S = 60.0
 
@@ -69,3 +69,20 @@ async def test_replicas_wait_for_resources_and_status_says_why(serve_home):
                 if "more than the instance has" in dep.message:
                     break
                 await anyio.sleep(0.05)
+
+
+def test_http_options_from_merges_the_default_port_and_proxy_location(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from trioserve.core.config import HTTPOptions
+    from trioserve.instance import http_options_from
+
+    monkeypatch.setenv("TRIOSERVE_DEFAULT_HTTP_PORT", "9123")
+    assert http_options_from().port == 9123
+    assert http_options_from({"host": "0.0.0.0"}) == HTTPOptions(host="0.0.0.0", port=9123)
+    assert http_options_from({"port": 0}).port == 0
+    assert http_options_from(HTTPOptions(port=1)).port == 1
+    assert not http_options_from(None, "Disabled").enabled
+    monkeypatch.setenv("TRIOSERVE_DEFAULT_HTTP_PORT", "eighty")
+    with pytest.raises(RayServeException, match="TRIOSERVE_DEFAULT_HTTP_PORT"):
+        http_options_from()

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
         start,
         status,
     )
-    from trioserve.core.config import AutoscalingConfig
+    from trioserve.core.config import AutoscalingConfig, HTTPOptions
     from trioserve.core.deployment import Application, Deployment, deployment
     from trioserve.exceptions import (
         BackPressureError,
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     )
     from trioserve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
     from trioserve.instance import ServeInstance, open_instance
+    from trioserve.replica.asgi import ingress
     from trioserve.replica.host import ReplicaContext, get_multiplexed_model_id, get_replica_context
     from trioserve.schema import ServeStatus
 
@@ -48,6 +49,7 @@ _LAZY = {
     "start": "trioserve.api",
     "status": "trioserve.api",
     "AutoscalingConfig": "trioserve.core.config",
+    "HTTPOptions": "trioserve.core.config",
     "Application": "trioserve.core.deployment",
     "Deployment": "trioserve.core.deployment",
     "deployment": "trioserve.core.deployment",
@@ -62,6 +64,7 @@ _LAZY = {
     "DeploymentResponseGenerator": "trioserve.handle",
     "ServeInstance": "trioserve.instance",
     "open_instance": "trioserve.instance",
+    "ingress": "trioserve.replica.asgi",
     "ReplicaContext": "trioserve.replica.host",
     "get_multiplexed_model_id": "trioserve.replica.host",
     "get_replica_context": "trioserve.replica.host",
@@ -96,6 +99,7 @@ __all__ = [
     "DeploymentResponse",
     "DeploymentResponseGenerator",
     "DeploymentUnavailableError",
+    "HTTPOptions",
     "RayServeException",
     "ReplicaContext",
     "ReplicaDiedError",
@@ -109,6 +113,7 @@ __all__ = [
     "get_deployment_handle",
     "get_multiplexed_model_id",
     "get_replica_context",
+    "ingress",
     "open_instance",
     "run",
     "shutdown",

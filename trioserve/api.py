@@ -27,7 +27,7 @@ from trioserve.core.deployment import Application, build_app
 from trioserve.core.routing import current_instance
 from trioserve.exceptions import RayServeException, warn_deprecated
 from trioserve.handle import DeploymentHandle
-from trioserve.instance import Client, ServeInstance, open_instance
+from trioserve.instance import Client, ServeInstance, http_options_from, open_instance
 from trioserve.schema import ServeStatus
 
 __all__ = [
@@ -110,21 +110,26 @@ def start(
     ``resources`` declares what replicas may use (``{"CPU": 8, "GPU": 1,
     "memory": ..., "my_resource": 2}``); by default the machine's CPUs, GPUs
     and memory. ``home`` is the state dir (default ``$TRIOSERVE_HOME`` or
-    ``~/.trioserve``). The Ray Serve arguments ``proxy_location``,
-    ``grpc_options`` and ``logging_config`` are accepted for compatibility.
+    ``~/.trioserve``). ``http_options`` (an ``HTTPOptions`` or a dict of its
+    fields) says where the HTTP proxy listens, by default
+    ``http://127.0.0.1:8000`` (``$TRIOSERVE_DEFAULT_HTTP_PORT`` changes the
+    default port); ``proxy_location="Disabled"`` runs no proxy. The Ray Serve
+    arguments ``grpc_options`` and ``logging_config`` are accepted for
+    compatibility.
     """
     global _embedded
     if kwargs:
         raise TypeError(f"serve.start() got unexpected argument(s): {', '.join(sorted(kwargs))}")
     with _lock:
         if _embedded is not None:
-            if resources is not None or http_options is not None:
+            if resources is not None or http_options is not None or proxy_location is not None:
                 log.warning(
                     "trioserve is already running in this process; the new options are "
                     "ignored. Call serve.shutdown() first to change them."
                 )
             return
-        _embedded = _Embedded({"home": home, "resources": resources, "http_options": http_options})
+        options = http_options_from(http_options, proxy_location)
+        _embedded = _Embedded({"home": home, "resources": resources, "http_options": options})
         atexit.register(shutdown)
 
 

@@ -29,6 +29,7 @@ import anyio
 import anyio.to_thread
 
 from trioserve.core import rpc
+from trioserve.core.config import DEFAULT_HTTP_PORT, HTTPOptions
 from trioserve.core.controller import Controller
 from trioserve.core.deployment import Application, BuiltApp, build_app
 from trioserve.core.launcher import LocalProcessLauncher, detect_resources
@@ -42,7 +43,14 @@ from trioserve.handle import DeploymentHandle
 from trioserve.schema import ServeStatus
 from trioserve.store import EventLog
 
-__all__ = ["Client", "ServeInstance", "new_run_dir", "open_instance", "state_home"]
+__all__ = [
+    "Client",
+    "ServeInstance",
+    "http_options_from",
+    "new_run_dir",
+    "open_instance",
+    "state_home",
+]
 
 log = logging.getLogger("trioserve")
 
@@ -54,6 +62,35 @@ def state_home() -> Path:
     """The state dir: ``$TRIOSERVE_HOME`` or ``~/.trioserve``."""
     home = os.environ.get("TRIOSERVE_HOME")
     return Path(home) if home else Path.home() / ".trioserve"
+
+
+def http_options_from(value: Any = None, proxy_location: Any = None) -> HTTPOptions:
+    """The ``HTTPOptions`` that ``serve.start(http_options=..., proxy_location=...)`` mean.
+
+    ``value`` is an ``HTTPOptions``, a dict of its fields, or None (all
+    defaults). A port not given is ``$TRIOSERVE_DEFAULT_HTTP_PORT``, else 8000.
+    """
+    if isinstance(value, HTTPOptions):
+        options = value.to_dict()
+    elif value is None:
+        options = {"port": _default_port()}
+    elif isinstance(value, Mapping):
+        options = {"port": _default_port(), **value}
+    else:
+        raise TypeError(f"http_options must be an HTTPOptions or a dict, got {value!r}")
+    if proxy_location is not None:
+        options["location"] = str(getattr(proxy_location, "value", proxy_location))
+    return HTTPOptions.from_dict(options)
+
+
+def _default_port() -> int:
+    raw = os.environ.get("TRIOSERVE_DEFAULT_HTTP_PORT", "")
+    try:
+        return int(raw) if raw else DEFAULT_HTTP_PORT
+    except ValueError:
+        raise RayServeException(
+            f"TRIOSERVE_DEFAULT_HTTP_PORT must be a port number, got {raw!r}"
+        ) from None
 
 
 def new_run_dir(home: str | os.PathLike[str] | None = None) -> Path:
@@ -131,7 +168,22 @@ class Client:
                     raise RayServeException(
                         f"Application '{name}' does not exist (it was deleted while deploying)."
                     )
-                if status["status"] == "RUNNING":
+                proxy = status.get("proxy")
+                if status["status"] == "RUNNING" and proxy is not None:
+                    if proxy["status"] == "HEALTHY":
+                        log.info(
+                            "Application '%s' is ready at %s%s.",
+                            name,
+                            proxy["url"],
+                            status["route_prefix"],
+                        )
+                        return
+                    if proxy["status"] == "UNHEALTHY":
+                        raise RayServeException(
+                            f"Application '{name}' is running, but the HTTP proxy is not "
+                            f"serving: {proxy['message']}"
+                        )
+                elif status["status"] == "RUNNING":
                     return
                 if status["status"] == "DEPLOY_FAILED":
                     raise DeployFailedError(
@@ -215,8 +267,8 @@ class ServeInstance(Client):
         super().__init__(address)
         self.controller = controller
         self.run_dir = run_dir
-        self.http_options: Any = None
-        """The HTTP options the instance was started with (for the proxy)."""
+        self.http_options: HTTPOptions | None = None
+        """The HTTP options the instance was started with; None: no proxy."""
 
 
 @contextlib.asynccontextmanager
@@ -225,13 +277,16 @@ async def open_instance(
     *,
     resources: Mapping[str, float] | None = None,
     http_options: Any = None,
+    proxy_location: Any = None,
     **controller_options: Any,
 ) -> AsyncIterator[ServeInstance]:
     """Run an instance in the caller's event loop (trio or asyncio) for the body's duration.
 
     ``home`` is the state dir (default :func:`state_home`); ``resources``
     declares what replicas may use (default: this machine's CPUs, GPUs and
-    memory; given names replace the detected ones). Handles made in this
+    memory; given names replace the detected ones). ``http_options`` and
+    ``proxy_location`` are those of ``serve.start``: by default an HTTP proxy
+    serves at ``http://127.0.0.1:8000``. Handles made in this
     process talk to this instance while it runs. On leaving, every replica
     is stopped (drained, then SIGTERM; SIGKILL after the stop timeout).
     """
@@ -241,7 +296,15 @@ async def open_instance(
     declared = {**detect_resources(), **dict(resources or {})}
     event_log = await anyio.to_thread.run_sync(EventLog.open, run_dir / "events.db")
     launcher = LocalProcessLauncher(run_dir, secret_file, embedded=True)
-    controller = Controller(event_log, launcher, secret, resources=declared, **controller_options)
+    options = http_options_from(http_options, proxy_location)
+    controller = Controller(
+        event_log,
+        launcher,
+        secret,
+        resources=declared,
+        http_options=options if options.enabled else None,
+        **controller_options,
+    )
     try:
         previous: InstanceAddress | None
         try:
@@ -251,7 +314,7 @@ async def open_instance(
         async with anyio.create_task_group() as tg:
             address = await tg.start(controller.run)
             instance = ServeInstance(InstanceAddress(address, secret), controller, run_dir)
-            instance.http_options = http_options
+            instance.http_options = options if options.enabled else None
             set_current_instance(instance.address)
             try:
                 yield instance

@@ -70,11 +70,20 @@ class ApplicationStatusOverview:
 
 @dataclasses.dataclass(frozen=True)
 class ServeStatus:
-    """The instance's applications (``proxies`` fills in with the HTTP proxy)."""
+    """The instance's applications and its HTTP proxy.
+
+    ``proxies`` maps ``"local"`` to the proxy's status (``HEALTHY``,
+    ``STARTING``, ``UNHEALTHY``) as Ray Serve maps nodes; empty when no proxy
+    runs. trioserve adds ``http_url``, where the proxy listens (with the port
+    it got when port 0 was asked for), and ``proxy_message``, why it is
+    unhealthy.
+    """
 
     proxies: dict[str, str] = dataclasses.field(default_factory=dict)
     applications: dict[str, ApplicationStatusOverview] = dataclasses.field(default_factory=dict)
     target_capacity: float | None = None
+    http_url: str = ""
+    proxy_message: str = ""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ServeStatus:
@@ -109,4 +118,12 @@ class ServeStatus:
                 route_prefix=app["route_prefix"],
                 ingress=app["ingress"],
             )
-        return cls(applications=apps)
+        proxy = data.get("proxy")
+        if not proxy:
+            return cls(applications=apps)
+        return cls(
+            proxies={"local": proxy["status"]},
+            applications=apps,
+            http_url=proxy["url"],
+            proxy_message=proxy["message"],
+        )

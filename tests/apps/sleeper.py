@@ -1,7 +1,7 @@
 """A stand-in for a replica process in the launcher's tests: ``python -m tests.apps.sleeper``.
 
 It handles its lifeline exactly as a replica does (with the replica's own
-``_watch_lifeline``: end-of-file on the pipe means SIGTERM to itself), exits
+``watch_lifeline``: end-of-file on the pipe means SIGTERM to itself), exits
 with ``--term-code`` on SIGTERM, prints ``--say`` on stdout and on stderr, and
 with ``--heartbeat FILE`` keeps writing a growing counter to ``FILE`` so that a
 test can see that it is still running. It prints ``ready`` once its SIGTERM
@@ -18,7 +18,7 @@ import threading
 import time
 from types import FrameType
 
-from trioserve.replica.process import _watch_lifeline
+from trioserve.core.launcher import watch_lifeline
 
 SAFETY_LIMIT_S = 600.0
 """Never outlive a test run by much, whatever happens to the test."""
@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     if args.lifeline_fd is not None:
-        threading.Thread(target=_watch_lifeline, args=(args.lifeline_fd,), daemon=True).start()
+        threading.Thread(
+            target=watch_lifeline, args=(args.lifeline_fd, "replica"), daemon=True
+        ).start()
     print(f"sleeper {pid}: {args.say}", flush=True)
     print(f"sleeper {pid}: on stderr: {args.say}", file=sys.stderr, flush=True)
     lifeline = "none" if args.lifeline_fd is None else f"fd {args.lifeline_fd}"

@@ -15,6 +15,7 @@ from trioserve.core.config import (
     AutoscalingConfig,
     ConfigError,
     DeploymentConfig,
+    HTTPOptions,
 )
 
 
@@ -360,3 +361,40 @@ def test_from_dict_validates_like_the_constructor() -> None:
 
     with pytest.raises(ConfigError, match="health_check_period_s"):
         DeploymentConfig.from_dict(data)
+
+
+# ----------------------------------------------------------------- HTTPOptions
+
+
+def test_http_options_defaults_follow_ray_serve() -> None:
+    options = HTTPOptions()
+    assert (options.host, options.port, options.root_path) == ("127.0.0.1", 8000, "")
+    assert options.request_timeout_s is None and options.keep_alive_timeout_s == 5.0
+    assert options.enabled
+    assert HTTPOptions.from_dict(options.to_dict()) == options
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"port": 70000}, "port must be an int"),
+        ({"root_path": "base"}, "root_path must start with '/'"),
+        ({"root_path": "/base/"}, "not end with '/'"),
+        ({"request_timeout_s": 0}, "request_timeout_s must be a positive number"),
+        ({"keep_alive_timeout_s": -1}, "keep_alive_timeout_s must be a positive number"),
+        ({"event_loop": "gevent"}, "event_loop must be one of"),
+        ({"location": "Everywhere"}, "proxy location must be one of"),
+        ({"colour": "blue"}, "unknown http_options field"),
+    ],
+)
+def test_http_options_refuse_bad_values_with_a_clear_error(
+    fields: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        HTTPOptions.from_dict(fields)
+
+
+def test_proxy_location_disabled_or_noserver_runs_no_proxy() -> None:
+    assert not HTTPOptions(location="Disabled").enabled
+    assert HTTPOptions(location="NoServer").location == "Disabled"
+    assert HTTPOptions(location="EveryNode").enabled

@@ -118,6 +118,8 @@ SAMPLES: list[Event] = [
     ev.ReplicaExited(at=41.5, replica="shop#Cart#1", exit_code=None),
     ev.HealthCheckFailed(at=20.0, replica="shop#Cart#1", consecutive=2, error="timed out"),
     ev.HealthCheckPassed(at=21.0, replica="shop#Cart#1"),
+    ev.ProxyStarted(at=21.5, pid=4300, url="http://127.0.0.1:8000", event_loop="asyncio"),
+    ev.ProxyExited(at=21.7, pid=4300, exit_code=-9, reason="killed by SIGKILL"),
     ev.ReplicaStarting(
         at=1.5,
         replica="shop#Pricing#4",

@@ -747,3 +747,80 @@ def test_load_secret_refuses_a_file_others_can_read(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(rpc.AuthenticationError, match="chmod 600"):
         rpc.load_secret(path)
+
+
+# --------------------------------------------------------------- inputs (inbox)
+
+
+@rpc.takes_inbox
+async def upper_each(inbox: rpc.Inbox, suffix: str) -> AsyncIterator[str]:
+    """Echo every input upper-cased until the input ``None``."""
+    async for item in inbox:
+        if item is None:
+            return
+        yield item.upper() + suffix
+
+
+def test_inputs_reach_a_method_that_takes_an_inbox_in_order(backend: str) -> None:
+    async def body() -> None:
+        async with (
+            serving({"upper": upper_each}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            async with await conn.stream("upper", "!") as replies:
+                got = []
+                for word in ["a", "b", "c"]:
+                    await replies.send(word)
+                    got.append(await replies.__anext__())  # a reply before the next input
+                await replies.send(None)
+                assert [item async for item in replies] == []
+            assert got == ["A!", "B!", "C!"]
+
+    run(backend, body)
+
+
+def test_a_callee_that_reads_slowly_holds_the_caller_to_the_window(backend: str) -> None:
+    window = 4
+    total = 40
+
+    async def body() -> None:
+        sent = 0
+        read = 0
+        max_lead = 0
+        release = anyio.Event()
+
+        @rpc.takes_inbox
+        async def slow(inbox: rpc.Inbox) -> AsyncIterator[int]:
+            nonlocal read
+            await release.wait()
+            async for _ in inbox:
+                read += 1
+                if read == total:
+                    break
+            yield read
+
+        async with (
+            serving({"slow": slow}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            async with await conn.stream("slow", _window=window) as replies:
+
+                async def feed() -> None:
+                    nonlocal sent, max_lead
+                    for i in range(total):
+                        await replies.send(i)
+                        sent += 1
+                        max_lead = max(max_lead, sent - read)
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(feed)
+                    with anyio.fail_after(10):
+                        while sent < window:
+                            await anyio.sleep(0.001)
+                    await anyio.wait_all_tasks_blocked()
+                    assert sent == window  # blocked: no credit until the callee reads
+                    release.set()
+                assert [item async for item in replies] == [total]
+        assert max_lead <= window + window // 2
+
+    run(backend, body)

@@ -280,3 +280,30 @@ def test_the_status_message_says_why_replicas_are_pending() -> None:
         apply(state, ev.ReplicaRunning(at=3.0, replica=r.id, address="x", pid=9))
     assert dep.pending == PENDING
     assert deployment_status(dep) == (DeploymentStatus.HEALTHY, "")
+
+
+def test_proxy_events_record_where_it_serves_and_why_it_exited() -> None:
+    state = replay(
+        [
+            ev.ControllerStarted(at=0.0, instance_id="i", pid=1),
+            ev.ProxyStarted(at=1.0, pid=40, url="http://127.0.0.1:8000", event_loop="trio"),
+        ]
+    )
+    assert (state.proxy_pid, state.proxy_url, state.proxy_starts) == (
+        40,
+        "http://127.0.0.1:8000",
+        1,
+    )
+    assert state_from_bytes(state_to_bytes(state)) == state
+
+    apply(state, ev.ProxyExited(at=2.0, pid=40, exit_code=1, reason="cannot listen on :8000"))
+    assert (state.proxy_pid, state.proxy_url, state.proxy_error) == (
+        None,
+        "",
+        "cannot listen on :8000",
+    )
+    apply(state, ev.ProxyStarted(at=3.0, pid=41, url="http://127.0.0.1:8001"))
+    assert (state.proxy_pid, state.proxy_error, state.proxy_starts) == (41, "", 2)
+    # A new controller: the proxy of the one before is gone with it.
+    apply(state, ev.ControllerStarted(at=4.0, instance_id="i", pid=2))
+    assert state.proxy_pid is None and state.proxy_url == ""

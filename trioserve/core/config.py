@@ -23,6 +23,9 @@ __all__ = [
     "DEFAULT_TARGET_ONGOING_REQUESTS",
     "EVENT_LOOPS",
     "AutoscalingConfig",
+    "DEFAULT_HTTP_PORT",
+    "DEFAULT_MAX_REQUEST_BODY_BYTES",
+    "HTTPOptions",
     "ConfigError",
     "DeploymentConfig",
     "LIGHTWEIGHT_FIELDS",
@@ -334,6 +337,71 @@ def check_ray_actor_options(options: Any) -> None:
                 "in 'resources'"
             )
         _resource_amount(f"resources[{key!r}]", value)
+
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_MAX_REQUEST_BODY_BYTES = 100 * 1024 * 1024
+PROXY_LOCATIONS = ("HeadOnly", "EveryNode", "Disabled")
+
+
+@dataclasses.dataclass(frozen=True)
+class HTTPOptions:
+    """How the proxy serves HTTP (Ray Serve's ``HTTPOptions``, one machine).
+
+    ``host``/``port`` are where it listens (port 0: a free port, which
+    ``serve.status()`` then shows); ``root_path`` is prepended to every
+    application's ASGI ``root_path`` (for serving behind a path-prefixing
+    reverse proxy); ``request_timeout_s`` bounds a request end to end (408
+    after it; ``None``: no bound); ``keep_alive_timeout_s`` closes idle
+    client connections. trioserve adds ``max_request_body_bytes`` (413 above
+    it) and ``event_loop``, the proxy's loop (``"asyncio"`` with uvloop, or
+    ``"trio"``). ``location`` is Ray's proxy location: ``"Disabled"`` (or
+    ``"NoServer"``) runs no proxy; the others run one, on this machine.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_PORT
+    root_path: str = ""
+    request_timeout_s: float | None = None
+    keep_alive_timeout_s: float = 5.0
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    event_loop: str = "asyncio"
+    location: str = "HeadOnly"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"http_options port must be an int in [0, 65535], got {self.port!r}")
+        if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
+            raise ConfigError(
+                f"http_options root_path must start with '/' and not end with '/', "
+                f"got {self.root_path!r}"
+            )
+        if self.request_timeout_s is not None:
+            _positive("http_options request_timeout_s", self.request_timeout_s)
+        _positive("http_options keep_alive_timeout_s", self.keep_alive_timeout_s)
+        _positive("http_options max_request_body_bytes", self.max_request_body_bytes)
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(
+                f"http_options event_loop must be one of {EVENT_LOOPS}, got {self.event_loop!r}"
+            )
+        if self.location == "NoServer":
+            object.__setattr__(self, "location", "Disabled")
+        if self.location not in PROXY_LOCATIONS:
+            raise ConfigError(
+                f"proxy location must be one of {PROXY_LOCATIONS}, got {self.location!r}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a proxy runs."""
+        return self.location != "Disabled"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HTTPOptions:
+        return cls(**_known_fields(cls, data, "http_options"))
 
 
 def _known_fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:

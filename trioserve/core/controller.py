@@ -15,6 +15,11 @@ called from one worker thread), and:
   ``replicas/<app>/<deployment>`` newer than the version they hold, and get
   an answer as soon as one changes. A version is the log seq of the change,
   so versions keep increasing across controller restarts.
+* with ``http_options``, keeps one HTTP proxy process running
+  (:mod:`trioserve.proxy`): it records ``ProxyStarted`` when the proxy
+  reports that it listens and ``ProxyExited`` when it exits, and starts a new
+  one after a back-off. ``wait_app`` returns a RUNNING application only once
+  the proxy routes by a route table that holds it.
 
 Every transition of a replica into STOPPING, whether decided
 (``ReplicaStopping``) or observed (``ReplicaDrained``, ``ReplicaStartFailed``,
@@ -42,6 +47,7 @@ import anyio.to_thread
 from trioserve.core import events as ev
 from trioserve.core import rpc
 from trioserve.core.autoscaling import LoadSample
+from trioserve.core.config import HTTPOptions
 from trioserve.core.events import DeploymentSpec, Event
 from trioserve.core.journal import DEFAULT_SNAPSHOT_EVERY, Journal
 from trioserve.core.launcher import LaunchedProcess, Launcher, describe_exit
@@ -67,6 +73,9 @@ TICK_S = 0.5
 """How often the controller decides when nothing happens (time-based rules)."""
 LOAD_SAMPLE_PERIOD_S = 1.0
 LONG_POLL_TIMEOUT_S = 30.0
+PROXY_RESTART_MIN_S = 0.5
+PROXY_RESTART_MAX_S = 30.0
+"""The proxy is restarted after 0.5 s, doubling to 30 s while it keeps failing."""
 REPORT_STALE_S = 5.0
 """A replica's load report older than this no longer counts."""
 
@@ -96,6 +105,7 @@ class Controller:
         snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
         clock: Callable[[], float] = time.time,
         resources: Mapping[str, float] | None = None,
+        http_options: HTTPOptions | None = None,
     ) -> None:
         self.log = log
         self.launcher = launcher
@@ -109,7 +119,11 @@ class Controller:
         self.resources = (
             None if resources is None else {str(k): float(v) for k, v in resources.items()}
         )
+        self.http_options = http_options if http_options and http_options.enabled else None
         self.address = ""
+        self._proxy_proc: LaunchedProcess | None = None
+        self._proxy_start_error = ""
+        self._proxy_routes_version = 0
         self._journal: Journal | None = None
         self._lock = anyio.Lock()
         self._db_limiter = anyio.CapacityLimiter(1)
@@ -158,6 +172,8 @@ class Controller:
                 )
                 await self._forget_lost_replicas()
                 tg.start_soon(self._control_loop)
+                if self.http_options is not None:
+                    tg.start_soon(self._proxy_loop, self.http_options)
                 task_status.started(self.address)
                 await anyio.sleep_forever()
         finally:
@@ -400,7 +416,10 @@ class Controller:
         )
 
     async def _stop_all_processes(self) -> None:
-        procs = dict(self._procs)
+        procs: dict[str, LaunchedProcess] = dict(self._procs)
+        if self._proxy_proc is not None:
+            # The proxy first: it stops taking requests while replicas finish theirs.
+            procs = {"proxy": self._proxy_proc, **procs}
         for proc in procs.values():
             proc.terminate()
         with anyio.move_on_after(self.stop_timeout_s):
@@ -412,6 +431,65 @@ class Controller:
             for proc in procs.values():
                 await proc.wait()
         self.launcher.close()
+
+    # ------------------------------------------------------------------ the proxy
+
+    async def _proxy_loop(self, options: HTTPOptions) -> None:
+        """Keep one HTTP proxy process running; restart it with back-off when it exits."""
+        backoff = PROXY_RESTART_MIN_S
+        while True:
+            self._proxy_start_error = ""
+            self._proxy_routes_version = 0
+            started = anyio.current_time()
+            pid: int | None = None
+            try:
+                proc = await self.launcher.start_proxy(self.address, options.to_dict())
+            except Exception as exc:
+                code: int | None = None
+                reason = f"could not start the proxy process: {exc}"
+            else:
+                self._proxy_proc = proc
+                pid = proc.pid
+                log.info("proxy: started process %d", pid)
+                try:
+                    code = await proc.wait()
+                finally:
+                    self._proxy_proc = None
+                reason = self._proxy_start_error or describe_exit(code)
+            log.warning("proxy: process %s %s", pid, reason)
+            await self._record(
+                [ev.ProxyExited(at=self.clock(), pid=pid, exit_code=code, reason=reason)]
+            )
+            if anyio.current_time() - started > PROXY_RESTART_MAX_S:
+                backoff = PROXY_RESTART_MIN_S
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, PROXY_RESTART_MAX_S)
+
+    def _signal_changed(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def proxy_ready(self, pid: int, url: str, event_loop: str) -> None:
+        """The proxy ``pid`` listens at ``url``."""
+        await self._record(
+            [ev.ProxyStarted(at=self.clock(), pid=pid, url=url, event_loop=event_loop)]
+        )
+
+    async def proxy_start_failed(self, pid: int, error: str) -> None:
+        """The proxy ``pid`` cannot serve (its port is taken, say); it exits next."""
+        self._proxy_start_error = error
+
+    async def proxy_seen(self, routes_version: int) -> None:
+        """The proxy routes by the route table of ``routes_version`` now."""
+        self._proxy_routes_version = max(self._proxy_routes_version, int(routes_version))
+        self._signal_changed()
+
+    def _proxy_has_routes(self, state: ClusterState) -> bool:
+        """Whether the proxy serves, with the route table published last."""
+        return (
+            state.proxy_pid is not None
+            and self._proxy_routes_version >= (self._published.get("routes", (0, None))[0])
+        )
 
     # ------------------------------------------------------------------ load
 
@@ -500,6 +578,9 @@ class Controller:
             "replica_running": self.replica_running,
             "replica_start_failed": self.replica_start_failed,
             "report_load": self.report_load,
+            "proxy_ready": self.proxy_ready,
+            "proxy_start_failed": self.proxy_start_failed,
+            "proxy_seen": self.proxy_seen,
             "ping": self.ping,
         }
 
@@ -559,7 +640,10 @@ class Controller:
     async def status(self) -> dict[str, Any]:
         """Applications, deployments and replicas, with statuses and messages."""
         async with self._lock:
-            return status_of(self.state)
+            status = status_of(self.state)
+        if self.http_options is not None:
+            status["proxy"] = proxy_status(self.state, self._proxy_has_routes(self.state))
+        return status
 
     async def wait_app(
         self, app: str, timeout_s: float = LONG_POLL_TIMEOUT_S
@@ -571,9 +655,24 @@ class Controller:
             a = state.apps.get(app)
             return a is None or app_status(a)[0] is not AppStatus.DEPLOYING
 
+        deadline = anyio.current_time() + min(timeout_s, LONG_POLL_TIMEOUT_S)
         with contextlib.suppress(TimeoutError):
-            await self.wait_for(settled, min(timeout_s, LONG_POLL_TIMEOUT_S))
+            await self.wait_for(settled, deadline - anyio.current_time())
+        a = self.state.apps.get(app)
+        if (
+            a is not None
+            and a.route_prefix is not None
+            and self.http_options is not None
+            and app_status(a)[0] is AppStatus.RUNNING
+        ):
+            # Running means reachable: wait until the proxy routes to it.
+            with contextlib.suppress(TimeoutError):
+                await self.wait_for(
+                    self._proxy_has_routes, max(0.0, deadline - anyio.current_time())
+                )
         status: dict[str, Any] | None = status_of(self.state)["applications"].get(app)
+        if status is not None and self.http_options is not None:
+            status["proxy"] = proxy_status(self.state, self._proxy_has_routes(self.state))
         return status
 
     async def put_blob(self, data: bytes) -> str:
@@ -713,6 +812,21 @@ def status_of(state: ClusterState) -> dict[str, Any]:
             "deployments": deployments,
         }
     return {"applications": apps}
+
+
+def proxy_status(state: ClusterState, routes_current: bool = True) -> dict[str, Any]:
+    """The HTTP proxy as ``serve.status()`` shows it: ``HEALTHY`` with its URL,
+    ``UNHEALTHY`` with why its last process exited, or ``STARTING``."""
+    if state.proxy_pid is not None:
+        return {
+            "status": "HEALTHY" if routes_current else "STARTING",
+            "url": state.proxy_url,
+            "pid": state.proxy_pid,
+            "message": "",
+        }
+    if state.proxy_error:
+        return {"status": "UNHEALTHY", "url": "", "pid": None, "message": state.proxy_error}
+    return {"status": "STARTING", "url": "", "pid": None, "message": ""}
 
 
 def _terminate_stray(pid: int | None, replica: str) -> None:

@@ -48,6 +48,8 @@ __all__ = [
     "EventVersionError",
     "HealthCheckFailed",
     "HealthCheckPassed",
+    "ProxyExited",
+    "ProxyStarted",
     "ReplicaDied",
     "ReplicaDrained",
     "ReplicaDraining",
@@ -292,6 +294,33 @@ class ReplicaExited(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class ProxyStarted(Event):
+    """Observation: the HTTP proxy process ``pid`` serves at ``url`` on ``event_loop``."""
+
+    KIND: ClassVar[str] = "ProxyStarted"
+    FAMILY: ClassVar[str] = "observation"
+
+    pid: int
+    url: str
+    event_loop: str = "asyncio"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyExited(Event):
+    """Observation: the proxy process ``pid`` is gone, or could not start; ``reason`` says why.
+
+    The controller starts a new one after a back-off.
+    """
+
+    KIND: ClassVar[str] = "ProxyExited"
+    FAMILY: ClassVar[str] = "observation"
+
+    pid: int | None
+    exit_code: int | None
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
 class HealthCheckFailed(Event):
     """Observation: a health check failed; ``consecutive`` counts failures in a row."""
 
@@ -511,6 +540,8 @@ for _cls in (
     DeploymentPending,
     DeploymentRemoved,
     AppRemoved,
+    ProxyStarted,
+    ProxyExited,
 ):
     register(_cls)
 

@@ -1,6 +1,6 @@
 """Launchers start the processes the controller supervises.
 
-A :class:`Launcher` starts a replica (and, later, the proxy) and hands back a
+A :class:`Launcher` starts a replica or the HTTP proxy and hands back a
 :class:`LaunchedProcess` the controller can wait on, terminate and kill. The
 :class:`LocalProcessLauncher` runs them as child processes of this machine;
 launchers for other machines plug in behind the same protocol.
@@ -46,6 +46,9 @@ import anyio.abc
 
 __all__ = [
     "GPU_DETECT_TIMEOUT_S",
+    "LIFELINE_GRACE_S",
+    "asyncio_backend_options",
+    "watch_lifeline",
     "LaunchedProcess",
     "Launcher",
     "LocalProcessLauncher",
@@ -53,6 +56,8 @@ __all__ = [
     "detect_resources",
 ]
 
+LIFELINE_GRACE_S = 5.0
+"""After its lifeline closes, how long a child may take to stop before it exits anyway."""
 GPU_DETECT_TIMEOUT_S = 5.0
 """How long ``nvidia-smi -L`` may take before the machine is taken to have no GPU."""
 
@@ -90,6 +95,9 @@ class Launcher(Protocol):
         ``gpu_ids`` are the GPUs it was placed on: it sees only those. ``None``
         or ``()`` (it asked for none) leaves its environment as it is.
         """
+
+    async def start_proxy(self, controller: str, options: Mapping[str, object]) -> LaunchedProcess:
+        """Start the HTTP proxy with ``options`` (``HTTPOptions.to_dict()``)."""
 
     def close(self) -> None:
         """Release the launcher; in embedded mode its children stop."""
@@ -235,6 +243,25 @@ class LocalProcessLauncher:
             env=self.gpu_env(gpu_ids),
         )
 
+    async def start_proxy(self, controller: str, options: Mapping[str, object]) -> LaunchedProcess:
+        """Start the HTTP proxy process with ``options`` (an ``HTTPOptions`` dict)."""
+        import json
+
+        return await self.start(
+            "proxy",
+            [
+                self.python,
+                "-m",
+                "trioserve.proxy",
+                "--controller",
+                controller,
+                "--secret-file",
+                self.secret_file,
+                "--options",
+                json.dumps(dict(options)),
+            ],
+        )
+
     def close(self) -> None:
         """Close the lifeline: in embedded mode, every child stops itself."""
         if self._lifeline is not None:
@@ -313,3 +340,38 @@ def detect_resources() -> dict[str, float]:
         "GPU": float(_gpu_count()),
         "memory": float(_memory_bytes()),
     }
+
+
+# ------------------------------------------------------------- in the children
+
+
+def watch_lifeline(fd: int, what: str) -> None:
+    """In a child (``what``: "replica", "proxy"): block until the lifeline closes, then stop.
+
+    Sends SIGTERM to this process, so that it drains as when the controller
+    stops it, and exits after :data:`LIFELINE_GRACE_S` if it is still there.
+    Run it in a daemon thread.
+    """
+    import logging
+    import time
+
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    logging.getLogger(f"trioserve.{what}").warning(
+        "the process that started this %s is gone; stopping", what
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(LIFELINE_GRACE_S)
+    os._exit(1)
+
+
+def asyncio_backend_options() -> dict[str, object]:
+    """anyio's asyncio options for a child: uvloop when it is installed."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}

@@ -40,6 +40,10 @@ def describe(event: Event) -> str:
         return f"{event.reason} (exit code {event.exit_code})"
     if isinstance(event, ev.ReplicaExited):
         return f"exit code {event.exit_code}"
+    if isinstance(event, ev.ProxyStarted):
+        return f"serving {event.url}, pid {event.pid}, {event.event_loop} loop"
+    if isinstance(event, ev.ProxyExited):
+        return f"pid {event.pid}, exit code {event.exit_code}: {event.reason}"
     if isinstance(event, ev.HealthCheckFailed):
         return f"{event.consecutive} in a row: {event.error}"
     if isinstance(event, ev.ReplicaStarting):

@@ -48,6 +48,7 @@ from trioserve.exceptions import (
 )
 
 __all__ = [
+    "Channel",
     "InstanceAddress",
     "LongPollClient",
     "ReplicaPool",
@@ -211,6 +212,7 @@ class _Replica:
     inflight: int = 0
     skip_until: float = 0.0
     unreachable: bool = False
+    retired: bool = False
 
 
 class Router:
@@ -241,9 +243,9 @@ class Router:
         self.known = True
         if value is None:
             self.exists = False
-            for r in self.replicas.values():
-                self.pool.forget(r.address)
-            self.replicas = {}
+            gone, self.replicas = self.replicas, {}
+            for r in gone.values():
+                self._retire(r)
         else:
             self.exists = True
             self.failed = bool(value.get("failed", False))
@@ -257,11 +259,20 @@ class Router:
                     fresh[old.id] = old
                 else:
                     fresh[item["id"]] = _Replica(item["id"], item["address"])
-            for rid, r in self.replicas.items():
+            previous, self.replicas = self.replicas, fresh
+            for rid, r in previous.items():
                 if rid not in fresh:
-                    self.pool.forget(r.address)
-            self.replicas = fresh
+                    self._retire(r)
         self._notify()
+
+    def _retire(self, replica: _Replica) -> None:
+        """A replica left the set (it drains, or is gone): close its connection once
+        this caller has no request left on it, so that requests in flight finish."""
+        replica.retired = True
+        if replica.inflight == 0 and not any(
+            r.address == replica.address for r in self.replicas.values()
+        ):
+            self.pool.forget(replica.address)
 
     def _notify(self) -> None:
         if self._waiting:
@@ -316,6 +327,8 @@ class Router:
 
     def _release(self, replica: _Replica) -> None:
         replica.inflight -= 1
+        if replica.retired:
+            self._retire(replica)
         self._notify()
 
     async def _connect(self, replica: _Replica) -> rpc.Connection | None:
@@ -355,27 +368,46 @@ class Router:
 
         Leaving the body early cancels the generator in the replica.
         """
+        async with self._open("handle_request_streaming", meta, args, kwargs or {}) as opened:
+            replica, items, first = opened
+            yield self._rest(replica, items, first)
+
+    @contextlib.asynccontextmanager
+    async def channel(self, meta: Mapping[str, Any], *args: Any) -> AsyncIterator[Channel]:
+        """Open a two-way stream to the replica's ``handle_asgi`` (the proxy's requests).
+
+        The replica's first item says that it admitted the request, so a full
+        or draining replica is skipped like for any call; the body then sends
+        inputs with :meth:`Channel.send` and iterates over the replies.
+        """
+        async with self._open("handle_asgi", meta, *args) as opened:
+            replica, items, _ = opened
+            yield Channel(self, replica, items)
+
+    @contextlib.asynccontextmanager
+    async def _open(
+        self, method: str, *args: Any
+    ) -> AsyncIterator[tuple[_Replica, rpc.Stream, tuple[Any] | None]]:
+        """Call the streaming ``method(*args)`` at a replica that admits it;
+        gives ``(replica, stream, (first item,) or None)``."""
         while True:
             replica = await self._choose()
             try:
                 conn = await self._connect(replica)
                 if conn is None:
                     continue
-                async with await conn.stream(
-                    "handle_request_streaming", meta, args, kwargs or {}
-                ) as items:
+                async with await conn.stream(method, *args) as items:
                     try:
-                        first = await items.__anext__()
-                        empty = False
+                        first: tuple[Any] | None = (await items.__anext__(),)
                     except StopAsyncIteration:
-                        empty = True
+                        first = None
                     except ReplicaRejected:
                         replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
                         continue
                     except rpc.ConnectionLost as exc:
                         replica.unreachable = True
                         raise self._died(replica) from exc
-                    yield self._rest(replica, items, None if empty else (first,))
+                    yield replica, items, first
                     return
             finally:
                 self._release(replica)
@@ -399,6 +431,34 @@ class Router:
             f"'{self.app}' died while handling the request; it is not retried, because "
             "it may have had effects. The next request goes to a live replica."
         )
+
+
+class Channel:
+    """A two-way stream to one replica, opened by :meth:`Router.channel`."""
+
+    def __init__(self, router: Router, replica: _Replica, items: rpc.Stream) -> None:
+        self._router = router
+        self.replica_id = replica.id
+        self._replica = replica
+        self._items = items
+
+    async def send(self, value: Any) -> None:
+        """Send one input; raises :class:`~trioserve.exceptions.ReplicaDiedError`
+        when the replica is gone."""
+        try:
+            await self._items.send(value)
+        except rpc.ConnectionLost as exc:
+            self._replica.unreachable = True
+            raise self._router._died(self._replica) from exc
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """The replies, in order; :class:`~trioserve.exceptions.ReplicaDiedError` if it dies."""
+        try:
+            async for item in self._items:
+                yield item
+        except rpc.ConnectionLost as exc:
+            self._replica.unreachable = True
+            raise self._router._died(self._replica) from exc
 
 
 class Routers:

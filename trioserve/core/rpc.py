@@ -26,13 +26,18 @@ array whose first element is the message type:
 ``CANCEL``   ``[3, id]``: the caller gave up; the callee's task is cancelled
 ``CHUNK``    ``[4, id, value]``: one item of a stream
 ``END``      ``[5, id]``: the stream is over
-``CREDIT``   ``[6, id, n]``: the caller read ``n`` chunks; the callee may send more
+``CREDIT``   ``[6, id, n]``: the caller read ``n`` chunks; the callee may send more.
+             From the callee: it read ``n`` inputs; the caller may send more
+``INPUT``    ``[7, id, value]``: one item from the caller to a running stream
+             whose method takes an inbox (see :func:`takes_inbox`)
 ==========  =========================================================
 
 A stream never has more than ``window`` chunks in flight, so a slow reader
 stalls the generator at the callee instead of making anyone buffer without
-bound. A frame longer than the receiver's ``max_frame_size``, an unknown
-message type, or bytes that are not msgpack close that connection only.
+bound. Inputs obey the same window the other way: a method that reads its
+inbox slowly stalls the caller's :meth:`Stream.send`. A frame longer than
+the receiver's ``max_frame_size``, an unknown message type, or bytes that
+are not msgpack close that connection only.
 
 Values are msgpack, with two extension types: tuples stay tuples, and
 anything else msgpack cannot carry travels as a pickle (authenticated
@@ -71,12 +76,14 @@ __all__ = [
     "RemoteError",
     "RemoteTraceback",
     "RpcError",
+    "Inbox",
     "Server",
     "Stream",
     "connect",
     "load_secret",
     "pack",
     "parse_address",
+    "takes_inbox",
     "unpack",
 ]
 
@@ -93,7 +100,7 @@ DEFAULT_STREAM_WINDOW = 16
 """Chunks a stream may have in flight before the callee waits for credit."""
 READ_SIZE = 256 * 1024
 
-CALL, RESULT, ERROR, CANCEL, CHUNK, END, CREDIT = range(7)
+CALL, RESULT, ERROR, CANCEL, CHUNK, END, CREDIT, INPUT = range(8)
 _EXT_PICKLE = 1
 _EXT_TUPLE = 2
 _LENGTH = struct.Struct(">I")
@@ -362,6 +369,18 @@ class Stream:
         self._send, self._recv = anyio.create_memory_object_stream[tuple[int, Any]](window + 2)
         self._read = 0
         self._finished = False
+        self._input_credit = _Credit(window)
+
+    async def send(self, value: Any) -> None:
+        """Send one input to the callee's inbox; waits while the callee is ``window`` behind.
+
+        Raises :class:`ConnectionLost` when the connection is gone. Inputs sent
+        after the callee finished are dropped by the callee.
+        """
+        await self._input_credit.take()
+        if self._conn._closed:
+            raise ConnectionLost(self._conn._lost_reason())
+        await self._conn._send([INPUT, self._id, value])
 
     def _deliver(self, kind: int, value: Any) -> None:
         try:
@@ -505,6 +524,9 @@ class Connection:
                 elif kind in (CHUNK, END):
                     if isinstance(target, Stream):
                         target._deliver(kind, message[2] if kind == CHUNK else None)
+                elif kind == CREDIT:
+                    if isinstance(target, Stream):
+                        target._input_credit.add(int(message[2]))
                 else:
                     raise ProtocolError(f"unknown message type {kind!r} from the server")
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -527,6 +549,7 @@ class Connection:
                 target.done.set()
             else:
                 target._send.close()
+                target._input_credit.add(target._window)  # wake senders; they see the loss
 
     async def aclose(self) -> None:
         """Close the connection; pending calls raise :class:`ConnectionLost`."""
@@ -593,6 +616,61 @@ async def connect(
 # ---------------------------------------------------------------------------- server
 
 Handler = Callable[..., Any]
+
+
+def takes_inbox(fn: Handler) -> Handler:
+    """Mark a streaming method as taking the caller's inputs.
+
+    The server then calls it as ``fn(inbox, *args, **kwargs)``, ``inbox``
+    being an :class:`Inbox` of what the caller sends with :meth:`Stream.send`.
+    """
+    fn._rpc_takes_inbox = True  # type: ignore[attr-defined]
+    return fn
+
+
+class Inbox:
+    """The inputs a caller sends to a running stream, in order.
+
+    ``await inbox.receive()`` returns the next one; it raises
+    ``anyio.EndOfStream`` when the call is over (cancelled, or the connection
+    closed). Reading gives the caller credit to send more.
+    """
+
+    def __init__(self, conn: _ServerConnection, call_id: int, window: int) -> None:
+        self._conn = conn
+        self._id = call_id
+        self._window = window
+        self._send, self._recv = anyio.create_memory_object_stream[Any](window)
+        self._read = 0
+
+    def _deliver(self, value: Any) -> None:
+        try:
+            self._send.send_nowait(value)
+        except anyio.WouldBlock:
+            raise ProtocolError(f"the caller overran the inbox window of call {self._id}") from None
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the method stopped reading: late inputs are dropped
+
+    async def receive(self) -> Any:
+        value = await self._recv.receive()
+        self._read += 1
+        if self._read >= max(1, self._window // 2):
+            n, self._read = self._read, 0
+            with contextlib.suppress(Exception):
+                await self._conn.frames.write_frame([CREDIT, self._id, n])
+        return value
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    def close(self) -> None:
+        self._send.close()
 
 
 class Server:
@@ -687,6 +765,7 @@ class _ServerConnection:
         self.frames = frames
         self.tasks: dict[int, anyio.CancelScope] = {}
         self.credit: dict[int, _Credit] = {}
+        self.inboxes: dict[int, Inbox] = {}
 
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
@@ -713,6 +792,10 @@ class _ServerConnection:
                         credit = self.credit.get(message[1])
                         if credit is not None:
                             credit.add(int(message[2]))
+                    elif kind == INPUT:
+                        inbox = self.inboxes.get(message[1])
+                        if inbox is not None:
+                            inbox._deliver(message[2])
                     else:
                         raise ProtocolError(f"unknown message type {kind!r}")
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -740,7 +823,11 @@ class _ServerConnection:
                         raise LookupError(f"{self.server.name} has no method {method!r}")
                     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
                         raise TypeError("call arguments must be a list and a map")
-                    if window:
+                    if window and getattr(fn, "_rpc_takes_inbox", False):
+                        inbox = Inbox(self, call_id, int(window))
+                        self.inboxes[call_id] = inbox
+                        await self._run_stream(call_id, fn, (inbox, *args), kwargs)
+                    elif window:
                         await self._run_stream(call_id, fn, args, kwargs)
                     else:
                         result = fn(*args, **kwargs)
@@ -756,6 +843,9 @@ class _ServerConnection:
         finally:
             self.tasks.pop(call_id, None)
             self.credit.pop(call_id, None)
+            opened = self.inboxes.pop(call_id, None)
+            if opened is not None:
+                opened.close()
 
     async def _run_stream(self, call_id: int, fn: Handler, args: Any, kwargs: Any) -> None:
         result = fn(*args, **kwargs)

@@ -218,6 +218,12 @@ class ClusterState:
     resources: dict[str, float] | None = None
     """What the instance has for replicas, by resource name (``ControllerStarted``);
     ``None``: no accounting, every replica fits."""
+    proxy_pid: int | None = None
+    """The HTTP proxy's process while it serves (``ProxyStarted``), else None."""
+    proxy_url: str = ""
+    proxy_error: str = ""
+    """Why the last proxy process exited or could not start (``ProxyExited``)."""
+    proxy_starts: int = 0
     applied: int = 0
     """How many events were applied."""
 
@@ -398,6 +404,23 @@ def _on_controller_started(state: ClusterState, event: Event) -> None:
         if event.resources is None
         else {str(name): float(amount) for name, amount in event.resources.items()}
     )
+    state.proxy_pid = None  # a proxy of an earlier controller is gone with it
+    state.proxy_url = ""
+
+
+def _on_proxy_started(state: ClusterState, event: Event) -> None:
+    assert isinstance(event, ev.ProxyStarted)
+    state.proxy_pid = event.pid
+    state.proxy_url = event.url
+    state.proxy_error = ""
+    state.proxy_starts += 1
+
+
+def _on_proxy_exited(state: ClusterState, event: Event) -> None:
+    assert isinstance(event, ev.ProxyExited)
+    state.proxy_pid = None
+    state.proxy_url = ""
+    state.proxy_error = event.reason
 
 
 def _on_replica_starting(state: ClusterState, event: Event) -> None:
@@ -584,6 +607,8 @@ _HANDLERS: dict[str, Callable[[ClusterState, Event], None]] = {
     "DeploymentPending": _on_deployment_pending,
     "DeploymentRemoved": _on_deployment_removed,
     "AppRemoved": _on_app_removed,
+    "ProxyStarted": _on_proxy_started,
+    "ProxyExited": _on_proxy_exited,
 }
 
 

@@ -19,6 +19,12 @@ Its :meth:`~ReplicaHost.rpc_methods` are what the replica's RPC server serves:
 ``drain()``
     stop admitting calls, wait for those in flight (at most
     ``graceful_shutdown_timeout_s``), then call the user's ``__del__``
+``handle_asgi(inbox, meta, scope)``
+    one HTTP request or WebSocket from the proxy: the ASGI app of the
+    deployment (its ``@serve.ingress`` app, or :func:`~trioserve.replica.asgi.plain_app`
+    around ``__call__``) runs on ``scope``; the inbox carries the ASGI
+    ``receive`` messages, the stream returns the ``send`` messages, after a
+    first ``{"type": "trioserve.admitted"}``
 ``stats()``
     ``{"replica", "ongoing", "accepting", "processed"}``
 """
@@ -36,8 +42,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.to_thread
 
+from trioserve.core import rpc
 from trioserve.core.config import DeploymentConfig
 from trioserve.exceptions import RayServeException, ReplicaRejected
 
@@ -159,6 +167,10 @@ class ReplicaHost:
         self._idle = anyio.Event()
         self._idle.set()
         self._threads = anyio.CapacityLimiter(config.max_ongoing_requests)
+        self._asgi_app: Any = None
+        self._lifespan: Any = None
+        self.task_group: anyio.abc.TaskGroup | None = None
+        """Where the ASGI apps of HTTP requests run (the replica process's task group)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -183,8 +195,49 @@ class ReplicaHost:
         else:
             raise TypeError(f"a deployment must be a class or a function, got {target!r}")
         _context = ReplicaContext(self.app, self.deployment, self.replica_id, self.obj)
+        from trioserve.replica import asgi
+
+        asgi.set_servable(self.obj)
         if self.config.user_config is not None:
             await self._call_user_reconfigure(self.config.user_config)
+
+    @property
+    def asgi_app(self) -> Any:
+        """The ASGI app HTTP requests run: the ``@serve.ingress`` app (with its
+        lifespan state), or one around ``__call__``."""
+        if self._asgi_app is None:
+            from trioserve.replica import asgi
+
+            ingress = getattr(type(self.obj), "__trioserve_asgi_app__", None)
+            if ingress is not None and not self.is_function:
+                self._asgi_app = ingress
+            else:
+                fn = self._method("__call__")
+
+                async def call(args: tuple[Any, ...]) -> Any:
+                    return await self._invoke(fn, args, {})
+
+                self._asgi_app = asgi.plain_app(
+                    call, takes_request=_takes_argument(fn), deployment=self.deployment
+                )
+        return self._asgi_app
+
+    async def start_lifespan(self, task_group: anyio.abc.TaskGroup) -> None:
+        """Run the ``@serve.ingress`` app's ASGI lifespan startup (its task in ``task_group``).
+
+        A deployment without ``@serve.ingress`` has no lifespan. A startup
+        that fails raises, as a failing constructor does; the shutdown runs
+        when the replica drains, before the user's ``__del__``.
+        """
+        from trioserve.replica import asgi
+
+        ingress = getattr(type(self.obj), "__trioserve_asgi_app__", None)
+        if ingress is None or self.is_function:
+            return
+        lifespan = asgi.Lifespan(ingress)
+        await lifespan.startup(task_group)
+        self._lifespan = lifespan
+        self._asgi_app = lifespan.app_with_state()
 
     async def _call_user_reconfigure(self, user_config: Any) -> None:
         fn = None if self.is_function else getattr(self.obj, "reconfigure", None)
@@ -250,6 +303,7 @@ class ReplicaHost:
         return {
             "handle_request": self.handle_request,
             "handle_request_streaming": self.handle_request_streaming,
+            "handle_asgi": self.handle_asgi,
             "check_health": self.check_health,
             "reconfigure": self.reconfigure,
             "drain": self.drain,
@@ -306,6 +360,83 @@ class ReplicaHost:
                     "with stream=True."
                 )
 
+    @rpc.takes_inbox
+    async def handle_asgi(
+        self, inbox: rpc.Inbox, meta: Mapping[str, Any], scope: Mapping[str, Any]
+    ) -> AsyncIterator[Any]:
+        """Run the deployment's ASGI app on one request from the proxy (see the module doc)."""
+        with self._admit():
+            _request.set(_request_context(meta))
+            yield ADMITTED
+            app = self.asgi_app
+            disconnect = {
+                "type": "websocket.disconnect"
+                if scope.get("type") == "websocket"
+                else "http.disconnect",
+                "code": 1006,
+            }
+            closed = False
+
+            async def receive() -> Any:
+                nonlocal closed
+                if closed:
+                    return disconnect
+                try:
+                    return await inbox.receive()
+                except (anyio.EndOfStream, anyio.ClosedResourceError):
+                    closed = True
+                    return disconnect
+
+            replies, outbox = anyio.create_memory_object_stream[Any](16)
+            app_scope = anyio.CancelScope()
+            app_done = anyio.Event()
+            app_error: list[Exception] = []
+
+            async def send(message: Any) -> None:
+                await replies.send(message)
+
+            async def run_app() -> None:
+                # In the host's task group, not in a task group of this
+                # generator: a generator must not be suspended at a `yield`
+                # inside a task group, or cancelling the call would exit the
+                # group's cancel scope out of order.
+                try:
+                    with app_scope:
+                        async with replies:
+                            await app(dict(scope), receive, send)
+                except Exception as exc:
+                    app_error.append(exc)
+                finally:
+                    app_done.set()
+
+            if self.task_group is None:
+                raise RuntimeError("the replica host has no task group to run ASGI apps in")
+            started = time.monotonic()
+            status = 0
+            self.task_group.start_soon(run_app)
+            try:
+                async with outbox:
+                    async for message in outbox:
+                        if message.get("type") == "http.response.start":
+                            status = int(message.get("status", 200))
+                        elif message.get("type") == "websocket.accept":
+                            status = 101
+                        yield message
+                if app_error:
+                    raise app_error[0]
+            finally:
+                app_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await app_done.wait()
+                log.info(
+                    "%s %s %s %s %.1fms",
+                    meta.get("request_id", "-"),
+                    scope.get("method", "WEBSOCKET"),
+                    scope.get("path", ""),
+                    status or "cancelled",
+                    (time.monotonic() - started) * 1000,
+                )
+
     async def check_health(self) -> dict[str, Any]:
         """Call the user's ``check_health``; an exception means unhealthy."""
         fn = None if self.is_function else getattr(self.obj, "check_health", None)
@@ -353,6 +484,11 @@ class ReplicaHost:
             self.deleted = True
             return
         self.deleted = True
+        if self._lifespan is not None:
+            try:
+                await self._lifespan.shutdown()
+            except Exception:
+                log.exception("the ASGI lifespan shutdown of the ingress app failed")
         fn = getattr(type(self.obj), "__del__", None)
         if fn is None:
             return
@@ -368,6 +504,21 @@ class ReplicaHost:
             "accepting": self.accepting,
             "processed": self.processed,
         }
+
+
+ADMITTED = {"type": "trioserve.admitted"}
+"""The first item of ``handle_asgi``: the replica took the request."""
+
+
+def _takes_argument(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` (a bound ``__call__``, or a function) takes a positional argument."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
 
 
 def _request_context(meta: Mapping[str, Any]) -> RequestContext:

@@ -26,7 +26,6 @@ import pickle
 import signal
 import sys
 import threading
-import time
 import traceback
 from typing import Any
 
@@ -34,6 +33,7 @@ import anyio
 
 from trioserve.core import rpc
 from trioserve.core.config import DeploymentConfig
+from trioserve.core.launcher import asyncio_backend_options, watch_lifeline
 from trioserve.core.routing import InstanceAddress, set_current_instance
 from trioserve.replica.host import ReplicaHost, load_source
 
@@ -42,8 +42,6 @@ __all__ = ["LOAD_REPORT_PERIOD_S", "main"]
 log = logging.getLogger("trioserve.replica")
 
 LOAD_REPORT_PERIOD_S = float(os.environ.get("TRIOSERVE_LOAD_REPORT_PERIOD_S", "1.0"))
-LIFELINE_GRACE_S = 5.0
-"""After the lifeline closes, how long the replica may take to drain before it is gone."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -66,11 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     if args.lifeline_fd is not None:
-        threading.Thread(target=_watch_lifeline, args=(args.lifeline_fd,), daemon=True).start()
+        threading.Thread(
+            target=watch_lifeline, args=(args.lifeline_fd, "replica"), daemon=True
+        ).start()
     code = 0
     try:
         if args.loop == "asyncio":
-            code = anyio.run(_run, args, backend="asyncio", backend_options=_asyncio_options())
+            code = anyio.run(
+                _run, args, backend="asyncio", backend_options=asyncio_backend_options()
+            )
         else:
             code = anyio.run(_run, args, backend="trio")
     except KeyboardInterrupt:
@@ -84,27 +86,6 @@ def main(argv: list[str] | None = None) -> None:
     # Leave without running finalizers: the user's __del__ has been called
     # already, and must not run a second time at interpreter exit.
     os._exit(code)
-
-
-def _asyncio_options() -> dict[str, Any]:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return {}
-    return {"use_uvloop": True}
-
-
-def _watch_lifeline(fd: int) -> None:
-    """Block until the launcher's end of the pipe closes, then stop the process."""
-    try:
-        while os.read(fd, 1):
-            pass
-    except OSError:
-        pass
-    log.warning("the process that started this replica is gone; stopping")
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(LIFELINE_GRACE_S)
-    os._exit(1)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -123,6 +104,7 @@ async def _run(args: argparse.Namespace) -> int:
             config = DeploymentConfig.from_dict(info["config"])
             _apply_logging_config(config)
             host = ReplicaHost(args.replica, info["app"], info["deployment"], config)
+            host.task_group = tg
             server = rpc.Server(host.rpc_methods(), secret, name=f"replica {args.replica}")
             address = await tg.start(server.serve, args.listen)
             try:
@@ -135,6 +117,7 @@ async def _run(args: argparse.Namespace) -> int:
                 if info.get("init_args"):
                     init = pickle.loads(await ctl.call("get_blob", info["init_args"]))
                 await host.construct(target, tuple(init[0]), dict(init[1]))
+                await host.start_lifespan(tg)
             except Exception:
                 error = traceback.format_exc()
                 log.error("the constructor failed:\n%s", error)

@@ -1,0 +1,267 @@
+"""Deployments the HTTP tests serve through the proxy.
+
+Importable by name, so replicas import them rather than unpickle them. Tests
+coordinate with replicas through files (``gate`` and ``mark`` query
+parameters name them): a replica process cannot share an event with the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, WebSocket
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+import trioserve as serve
+
+
+async def wait_for_file(path: str, timeout_s: float = 60.0) -> None:
+    """Wait (polling) until the test creates ``path``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not os.path.exists(path):
+        if loop.time() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        await asyncio.sleep(0.01)
+
+
+def touch(path: str, text: str = "") -> None:
+    Path(path).write_text(text)
+
+
+@serve.deployment
+class Echo:
+    """Describes the request it got."""
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        body = await request.body()
+        return {
+            "method": request.method,
+            "path": request.url.path,
+            "root_path": request.scope.get("root_path", ""),
+            "query": dict(request.query_params),
+            "body_bytes": len(body),
+            "request_id": request.headers.get("x-request-id"),
+            "replica": serve.get_replica_context().replica_id,
+        }
+
+
+@serve.deployment
+class Returns:
+    """Returns what the query parameter ``kind`` names, to show each conversion."""
+
+    async def __call__(self, request: Request) -> Any:
+        kind = request.query_params["kind"]
+        if kind == "str":
+            return "héllo"
+        if kind == "bytes":
+            return b"\x00\x01raw"
+        if kind == "none":
+            return None
+        if kind == "dict":
+            return {"a": [1, 2], "b": None}
+        if kind == "response":
+            return Response("teapot", status_code=418, headers={"x-made-by": "user"})
+        raise ValueError(f"unknown kind {kind}")
+
+
+@serve.deployment
+def no_argument() -> str:
+    return "no request needed"
+
+
+@serve.deployment
+class Boom:
+    def __call__(self, request: Request) -> str:
+        raise ValueError("a secret detail that must not reach the client")
+
+
+@serve.deployment
+class Slow:
+    """Sleeps ``s`` seconds; marks ``mark`` when it starts and ``mark``.cancelled if cancelled."""
+
+    async def __call__(self, request: Request) -> str:
+        mark = request.query_params.get("mark")
+        if mark:
+            touch(mark)
+        try:
+            gate = request.query_params.get("gate")
+            if gate:
+                await wait_for_file(gate)
+            else:
+                await asyncio.sleep(float(request.query_params.get("s", "60")))
+        except asyncio.CancelledError:
+            if mark:
+                touch(mark + ".cancelled")
+            raise
+        return "slept"
+
+
+@serve.deployment
+class Chunks:
+    """Streams ``first``, waits for ``gate``, then streams ``last`` (also as SSE)."""
+
+    async def __call__(self, request: Request) -> StreamingResponse:
+        gate = request.query_params["gate"]
+        sse = request.query_params.get("sse") == "1"
+
+        async def produce() -> Any:
+            yield "data: first\n\n" if sse else "first;"
+            await wait_for_file(gate)
+            yield "data: last\n\n" if sse else "last"
+
+        return StreamingResponse(produce(), media_type="text/event-stream" if sse else "text/plain")
+
+
+@serve.deployment
+class Generator:
+    """A plain generator return value streams too."""
+
+    def __call__(self, request: Request) -> Any:
+        def numbers() -> Any:
+            for i in range(3):
+                yield f"{i},"
+
+        return numbers()
+
+
+@serve.deployment
+class Upload:
+    """Reads the body chunk by chunk; marks ``mark`` after the first chunk arrived."""
+
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        mark = request.query_params["mark"]
+        sizes = []
+        async for chunk in request.stream():
+            if chunk:
+                sizes.append(len(chunk))
+                if len(sizes) == 1:
+                    touch(mark)
+        return {"chunks": sizes, "total": sum(sizes)}
+
+
+@serve.deployment(num_replicas=2)
+class Mortal:
+    """``/die`` kills the replica mid-request; anything else names the replica."""
+
+    def __call__(self, request: Request) -> str:
+        if request.url.path.endswith("/die"):
+            os._exit(1)
+        return serve.get_replica_context().replica_id
+
+
+@serve.deployment(max_ongoing_requests=1, max_queued_requests=1)
+class Narrow:
+    """One request at a time, one waiting: the third gets 503."""
+
+    async def __call__(self, request: Request) -> str:
+        touch(request.query_params["mark"] + "." + request.query_params["n"])
+        await wait_for_file(request.query_params["gate"])
+        return "done"
+
+
+@serve.deployment
+class Versioned:
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def __call__(self) -> str:
+        return self.version
+
+
+@serve.deployment
+class Broken:
+    def __init__(self) -> None:
+        raise RuntimeError("this constructor always fails")
+
+    def __call__(self) -> str:
+        return "never"
+
+
+# ------------------------------------------------------------------- FastAPI
+
+
+class Item(BaseModel):
+    name: str
+    price: float
+
+
+def started_at(request: Request) -> bool:
+    return bool(getattr(request.app.state, "started", False))
+
+
+class _Lifespan:
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    async def __aenter__(self) -> None:
+        self.app.state.started = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.app.state.started = False
+
+
+api = FastAPI(lifespan=_Lifespan)
+
+
+@api.get("/plain")
+def plain_route() -> dict[str, str]:
+    return {"route": "not a method"}
+
+
+@serve.deployment
+@serve.ingress(api)
+class Api:
+    def __init__(self, greeting: str = "Hello") -> None:
+        self.greeting = greeting
+        self.count = 0
+
+    @api.get("/hello/{name}")
+    def hello(self, name: str, punct: str = "!") -> str:
+        return f"{self.greeting}, {name}{punct}"
+
+    @api.post("/items", status_code=201)
+    async def create(self, item: Item) -> dict[str, Any]:
+        return {"name": item.name, "price_with_tax": round(item.price * 1.2, 2)}
+
+    @api.get("/count")
+    def increment(self) -> int:
+        self.count += 1
+        return self.count
+
+    @api.get("/started")
+    def started(self, flag: bool = Depends(started_at)) -> dict[str, bool]:
+        return {"started": flag}
+
+    @api.get("/text", response_class=PlainTextResponse)
+    def text(self) -> str:
+        return "plain text"
+
+    @api.get("/root")
+    def root(self, request: Request) -> dict[str, str]:
+        return {"root_path": request.scope.get("root_path", ""), "path": request.url.path}
+
+    @api.get("/stream")
+    def stream(self, gate: str) -> StreamingResponse:
+        async def produce() -> Any:
+            yield "first;"
+            await wait_for_file(gate)
+            yield "last"
+
+        return StreamingResponse(produce(), media_type="text/plain")
+
+    @api.websocket("/ws")
+    async def echo(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        while True:
+            text = await websocket.receive_text()
+            if text == "bye":
+                await websocket.close()
+                return
+            await websocket.send_text(f"{self.greeting}: {text}")

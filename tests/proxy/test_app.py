@@ -1,0 +1,90 @@
+"""The proxy's ASGI app (trioserve.proxy.app): route matching and its own paths.
+
+Forwarding to replicas is covered end to end in ``tests/e2e/test_http.py``;
+here the app runs in process, driven by httpx's ASGI transport.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from trioserve.core.config import HTTPOptions
+from trioserve.proxy.app import ProxyApp, match_route
+
+ROUTES = {"/": "root", "/a": "a", "/a/b": "ab", "/api": "api"}
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/a", "/a"),
+        ("/a/", "/a"),
+        ("/a/x", "/a"),
+        ("/a/b", "/a/b"),
+        ("/a/b/c", "/a/b"),
+        ("/ab", "/"),  # a prefix matches whole path segments only
+        ("/api/v1", "/api"),
+        ("/", "/"),
+        ("/other", "/"),
+    ],
+)
+def test_longest_matching_prefix_wins(path: str, expected: str) -> None:
+    assert match_route(ROUTES, path) == expected
+
+
+def test_no_route_matches_without_a_root_application() -> None:
+    routes = {"/a": "a"}
+    assert match_route(routes, "/b") is None
+    assert match_route(routes, "/ab") is None
+    assert match_route({}, "/") is None
+
+
+def no_router(app: str, deployment: str) -> Any:
+    raise AssertionError("the proxy's own paths must not route")
+
+
+def client(app: ProxyApp) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy")
+
+
+async def test_healthz_is_503_until_the_route_table_arrives_and_while_draining() -> None:
+    app = ProxyApp(no_router, HTTPOptions())
+    async with client(app) as c:
+        r = await c.get("/-/healthz")
+        assert r.status_code == 503 and "starting" in r.text
+        app.update_routes({})
+        r = await c.get("/-/healthz")
+        assert (r.status_code, r.text) == (200, "success")
+        app.draining = True
+        r = await c.get("/-/healthz")
+        assert (r.status_code, r.text) == (503, "draining")
+
+
+async def test_routes_maps_each_prefix_to_its_application() -> None:
+    app = ProxyApp(no_router, HTTPOptions())
+    app.update_routes({"/b": {"app": "bee", "ingress": "B"}, "/a": {"app": "ay", "ingress": "A"}})
+    async with client(app) as c:
+        r = await c.get("/-/routes")
+    assert r.headers["content-type"] == "application/json"
+    assert r.json() == {"/a": "ay", "/b": "bee"}
+
+
+async def test_unknown_path_is_404_with_a_request_id_and_a_pointer_to_routes() -> None:
+    app = ProxyApp(no_router, HTTPOptions())
+    app.update_routes({"/a": {"app": "ay", "ingress": "A"}})
+    async with client(app) as c:
+        r = await c.get("/nope", headers={"x-request-id": "r-1"})
+    assert r.status_code == 404
+    assert r.headers["x-request-id"] == "r-1"
+    assert r.text == "Path '/nope' not found. Ping http://proxy/-/routes for the available routes."
+
+
+async def test_declared_body_over_the_limit_is_413_before_any_routing() -> None:
+    app = ProxyApp(no_router, HTTPOptions(max_request_body_bytes=10))
+    app.update_routes({"/": {"app": "root", "ingress": "R"}})
+    async with client(app) as c:
+        r = await c.post("/", content=b"x" * 11)
+    assert r.status_code == 413 and "10 bytes" in r.text

@@ -1,0 +1,5 @@
+"""``python -m trioserve.proxy``: see :mod:`trioserve.proxy.process`."""
+
+from trioserve.proxy.process import main
+
+main()

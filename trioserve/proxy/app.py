@@ -1,0 +1,367 @@
+"""The proxy's ASGI app: routes HTTP requests and WebSockets to ingress replicas.
+
+:class:`ProxyApp` is an ASGI application that hypercorn serves (see
+:mod:`trioserve.proxy.process`). It knows the route table the controller
+publishes (``{route_prefix: {"app", "ingress"}}``) and, per request:
+
+1. answers the proxy's own paths: ``/-/routes`` (JSON ``{prefix: app}``) and
+   ``/-/healthz`` (``success``, or 503 while it has no route table yet or
+   drains);
+2. picks the application by the longest ``route_prefix`` that matches the
+   path (exactly, or followed by ``/``), else answers 404 naming
+   ``/-/routes``;
+3. sends the ASGI scope, with ``root_path`` extended by the prefix, to a
+   replica of the ingress deployment through :meth:`Router.channel`, relays
+   the client's ``receive`` messages to it as they arrive and its ``send``
+   messages back, chunk by chunk;
+4. maps failures to status codes while no response has started: back
+   pressure and no running replica 503, ``request_timeout_s`` 408, a replica
+   that died 500, a body over ``max_request_body_bytes`` 413. A client that
+   disconnects cancels the request in the replica.
+
+Every request carries an ``x-request-id``: the client's, or a new one; it is
+returned in the response and is the request id the replica logs.
+
+The app is written with anyio and runs under either of hypercorn's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any
+
+import anyio
+
+from trioserve.core.config import HTTPOptions
+from trioserve.core.routing import Router
+from trioserve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaDiedError,
+)
+
+__all__ = ["ProxyApp", "match_route"]
+
+log = logging.getLogger("trioserve.proxy")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+NO_REPLICA_WAIT_S = 5.0
+"""How long a request waits for the replica set of an ingress deployment the
+proxy has not routed to before (it asks the controller on first use)."""
+SCOPE_KEYS = (
+    "type",
+    "asgi",
+    "http_version",
+    "method",
+    "scheme",
+    "path",
+    "raw_path",
+    "query_string",
+    "root_path",
+    "headers",
+    "client",
+    "server",
+    "subprotocols",
+)
+"""The parts of the ASGI scope a replica gets (the rest is the server's own)."""
+
+
+def match_route(routes: Mapping[str, Any], path: str) -> str | None:
+    """The longest ``route_prefix`` of ``routes`` that ``path`` falls under, if any.
+
+    A prefix matches the path itself and anything below it (``/a`` matches
+    ``/a`` and ``/a/b``, not ``/ab``); ``/`` matches every path.
+    """
+    best: str | None = None
+    for prefix in routes:
+        if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+            if best is None or len(prefix) > len(best):
+                best = prefix
+    return best
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ProxyApp:
+    """The ASGI app; ``router_for(app, deployment)`` gives the router of a deployment."""
+
+    def __init__(self, router_for: Callable[[str, str], Router], options: HTTPOptions) -> None:
+        self.router_for = router_for
+        self.options = options
+        self.routes: dict[str, Mapping[str, str]] = {}
+        self.routes_known = False
+        self.draining = False
+        self.inflight = 0
+        """Requests being forwarded now (the proxy waits for them when it stops)."""
+
+    def update_routes(self, value: Mapping[str, Any] | None) -> None:
+        """Take the route table the controller published."""
+        self.routes = dict(value or {})
+        self.routes_known = True
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if kind not in ("http", "websocket"):
+            return
+        path = scope.get("path", "/")
+        if kind == "http" and path == "/-/routes":
+            table = {prefix: r["app"] for prefix, r in sorted(self.routes.items())}
+            await _respond(send, 200, json.dumps(table).encode(), "application/json")
+            return
+        if kind == "http" and path == "/-/healthz":
+            if not self.routes_known:
+                await _respond(send, 503, b"starting: no route table yet")
+            elif self.draining:
+                await _respond(send, 503, b"draining")
+            else:
+                await _respond(send, 200, b"success")
+            return
+        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        if not self.routes_known:
+            await self._refuse(
+                scope, send, 503, "The proxy is starting: it has no route table yet.", request_id
+            )
+            return
+        prefix = match_route(self.routes, path)
+        if prefix is None:
+            await self._refuse(
+                scope,
+                send,
+                404,
+                f"Path '{path}' not found. Ping http://{_host(scope)}/-/routes for the "
+                "available routes.",
+                request_id,
+            )
+            return
+        route = self.routes[prefix]
+        started = time.monotonic()
+        self.inflight += 1
+        try:
+            status = await self._forward(scope, receive, send, prefix, route, request_id)
+        finally:
+            self.inflight -= 1
+        log.info(
+            "%s %s %s -> %s/%s %s %.1fms",
+            request_id,
+            scope.get("method", "WEBSOCKET"),
+            path,
+            route["app"],
+            route["ingress"],
+            status or "-",
+            (time.monotonic() - started) * 1000,
+        )
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        prefix: str,
+        route: Mapping[str, str],
+        request_id: str,
+    ) -> int:
+        """Relay one request to a replica; returns the status sent (0 if none)."""
+        declared = _header(scope, b"content-length")
+        limit = self.options.max_request_body_bytes
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(
+                scope, send, 413, f"Request body over the limit of {limit} bytes.", request_id
+            )
+        router = self.router_for(route["app"], route["ingress"])
+        with anyio.move_on_after(NO_REPLICA_WAIT_S):
+            while not router.known:  # a route just added: its replica set is on its way
+                await anyio.sleep(0.01)
+        if not router.known or (router.exists and not router.replicas and not router.failed):
+            return await self._refuse(
+                scope,
+                send,
+                503,
+                f"No running replica of deployment '{route['ingress']}' in application "
+                f"'{route['app']}'.",
+                request_id,
+            )
+        out_scope = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+        base = self.options.root_path + scope.get("root_path", "")
+        if base:  # behind a reverse proxy that strips `base`: the app sees the full path
+            path = scope.get("path", "/")
+            out_scope["path"] = base + path
+            out_scope["raw_path"] = base.encode() + bytes(scope.get("raw_path") or path.encode())
+        out_scope["root_path"] = base + ("" if prefix == "/" else prefix)
+        headers = [list(h) for h in scope.get("headers", ())]
+        if _header(scope, b"x-request-id") is None:
+            headers.append([b"x-request-id", request_id.encode()])
+        out_scope["headers"] = headers
+        meta = {"request_id": request_id, "method": "__call__", "route": prefix}
+        state = _Relay(send, request_id, scope["type"])
+        timeout = self.options.request_timeout_s
+        try:
+            with anyio.fail_after(timeout):
+                async with router.channel(meta, out_scope) as channel:
+                    async with anyio.create_task_group() as tg:
+
+                        async def pump() -> None:
+                            received = 0
+                            while True:
+                                message = await receive()
+                                if message["type"] == "http.request":
+                                    received += len(message.get("body", b""))
+                                    if received > limit:
+                                        raise _TooLarge
+                                await channel.send(dict(message))
+                                if message["type"] in ("http.disconnect", "websocket.disconnect"):
+                                    state.client_gone = scope["type"] == "http"
+                                    if state.client_gone:
+                                        tg.cancel_scope.cancel()
+                                    return
+
+                        tg.start_soon(pump)
+                        async for message in channel:
+                            await state.send(message)
+                        tg.cancel_scope.cancel()
+        except Exception as raised:
+            error = _unwrap(raised)
+            if isinstance(error, TimeoutError):
+                status, text = 408, f"Request {request_id} timed out after {timeout} s."
+            elif isinstance(error, _TooLarge):
+                status, text = 413, f"Request body over the limit of {limit} bytes."
+            elif isinstance(error, (BackPressureError, DeploymentUnavailableError)):
+                status, text = 503, str(error)
+            elif isinstance(error, ReplicaDiedError):
+                log.warning("%s: %s", request_id, error)
+                status, text = 500, str(error)
+            else:
+                log.error("%s: the request failed", request_id, exc_info=error)
+                status, text = 500, f"Internal Server Error (request {request_id})."
+            return await self._fail(state, scope, status, text)
+        if state.client_gone and not state.finished:
+            log.info("%s: the client disconnected; the request was cancelled", request_id)
+            return 499
+        return state.status
+
+    async def _refuse(
+        self, scope: Scope, send: Send, status: int, text: str, request_id: str
+    ) -> int:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1011 if status >= 500 else 1008})
+            return status
+        await _respond(send, status, text.encode(), request_id=request_id)
+        return status
+
+    async def _fail(self, state: _Relay, scope: Scope, status: int, text: str) -> int:
+        """Answer ``status`` if nothing was sent yet; else end the response early."""
+        if state.client_gone:
+            return 499
+        if not state.started:
+            return await self._refuse(scope, state.raw_send, status, text, state.request_id)
+        log.warning("%s: %s after the response started; closing it", state.request_id, text)
+        raise _Abort(text)
+
+
+class _Abort(Exception):
+    """A response failed after it started: the server drops the connection."""
+
+
+class _Relay:
+    """The replica's messages on their way to the client, and what was seen of them."""
+
+    def __init__(self, send: Send, request_id: str, kind: str) -> None:
+        self.raw_send = send
+        self.request_id = request_id
+        self.kind = kind
+        self.started = False
+        self.finished = False
+        self.client_gone = False
+        self.status = 0
+
+    async def send(self, message: Message) -> None:
+        kind = message.get("type")
+        if kind == "http.response.start":
+            headers = [list(h) for h in message.get("headers", ())]
+            if not any(bytes(k).lower() == b"x-request-id" for k, _ in headers):
+                headers.append([b"x-request-id", self.request_id.encode()])
+            message = {**message, "headers": headers}
+            self.status = int(message.get("status", 200))
+            self.started = True
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.finished = True
+        elif kind == "websocket.accept":
+            self.started = True
+            self.status = 101
+        elif kind == "websocket.close":
+            self.finished = True
+            if not self.started:
+                self.status = 403
+        await self.raw_send(message)
+
+
+async def _respond(
+    send: Send,
+    status: int,
+    body: bytes,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    request_id: str | None = None,
+) -> None:
+    headers = [
+        [b"content-type", content_type.encode()],
+        [b"content-length", str(len(body)).encode()],
+    ]
+    if request_id is not None:
+        headers.append([b"x-request-id", request_id.encode()])
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _unwrap(error: BaseException) -> BaseException:
+    """The exception inside (nested) groups when they hold one kind only, else the group."""
+    leaves: list[BaseException] = []
+    pending = [error]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, BaseExceptionGroup):
+            pending.extend(e.exceptions)
+        else:
+            leaves.append(e)
+    if leaves and all(type(e) is type(leaves[0]) for e in leaves):
+        return leaves[0]
+    return error
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if bytes(key).lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _host(scope: Scope) -> str:
+    host = _header(scope, b"host")
+    if host:
+        return host
+    server = scope.get("server") or ("127.0.0.1", 8000)
+    return f"{server[0]}:{server[1]}"
