@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from trioserve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
     from trioserve.instance import ServeInstance, open_instance
     from trioserve.replica.asgi import ingress
+    from trioserve.replica.batching import batch
     from trioserve.replica.host import ReplicaContext, get_multiplexed_model_id, get_replica_context
+    from trioserve.replica.multiplex import multiplexed
     from trioserve.schema import ServeStatus
 
 # Names are imported on first use, so that a replica process, which imports
@@ -65,9 +67,11 @@ _LAZY = {
     "ServeInstance": "trioserve.instance",
     "open_instance": "trioserve.instance",
     "ingress": "trioserve.replica.asgi",
+    "batch": "trioserve.replica.batching",
     "ReplicaContext": "trioserve.replica.host",
     "get_multiplexed_model_id": "trioserve.replica.host",
     "get_replica_context": "trioserve.replica.host",
+    "multiplexed": "trioserve.replica.multiplex",
     "ServeStatus": "trioserve.schema",
 }
 
@@ -107,6 +111,7 @@ __all__ = [
     "ServeInstance",
     "ServeStatus",
     "__version__",
+    "batch",
     "delete",
     "deployment",
     "get_app_handle",
@@ -114,6 +119,7 @@ __all__ = [
     "get_multiplexed_model_id",
     "get_replica_context",
     "ingress",
+    "multiplexed",
     "open_instance",
     "run",
     "shutdown",

@@ -265,3 +265,61 @@ class Api:
                 await websocket.close()
                 return
             await websocket.send_text(f"{self.greeting}: {text}")
+
+
+FAST_SCALING = {
+    "min_replicas": 1,
+    "max_replicas": 3,
+    "target_ongoing_requests": 1,
+    "look_back_period_s": 1.0,
+    "upscale_delay_s": 0.5,
+    "downscale_delay_s": 2.0,
+}
+
+
+@serve.deployment(max_ongoing_requests=2, autoscaling_config=FAST_SCALING)
+class Busy:
+    """Holds each call until ``gate`` exists; names the replica."""
+
+    async def __call__(self, gate: str) -> str:
+        await wait_for_file(gate)
+        return serve.get_replica_context().replica_id
+
+
+@serve.deployment(
+    autoscaling_config={
+        **FAST_SCALING,
+        "min_replicas": 0,
+        "initial_replicas": 1,
+        "downscale_to_zero_delay_s": 1.0,
+    }
+)
+class Sleepy:
+    async def __call__(self) -> str:
+        return "awake"
+
+
+@serve.deployment
+class Flaky:
+    """Serves its version; the version "bad" fails in the constructor."""
+
+    def __init__(self, version: str) -> None:
+        if version == "bad":
+            raise RuntimeError("version bad cannot start")
+        self.version = version
+
+    def __call__(self) -> str:
+        return self.version
+
+
+@serve.deployment(graceful_shutdown_timeout_s=0.5)
+class Stubborn:
+    """Will not stop: its ``__del__`` never returns."""
+
+    def __call__(self) -> str:
+        return "here"
+
+    def __del__(self) -> None:
+        import time
+
+        time.sleep(3600)

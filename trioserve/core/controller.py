@@ -13,8 +13,11 @@ called from one worker thread), and:
 * health-checks every RUNNING replica each ``health_check_period_s``;
 * serves *long-poll*: data-plane processes ask for ``routes`` and
   ``replicas/<app>/<deployment>`` newer than the version they hold, and get
-  an answer as soon as one changes. A version is the log seq of the change,
-  so versions keep increasing across controller restarts.
+  an answer as soon as one changes. A version is ``seq << VERSION_SHIFT``
+  for a change made by the log event ``seq``, plus one for each change made
+  since without a log event (a replica's multiplexed model ids, which it
+  reports with its load): so versions keep increasing across controller
+  restarts, whose new events have greater seqs.
 * with ``http_options``, keeps one HTTP proxy process running
   (:mod:`trioserve.proxy`): it records ``ProxyStarted`` when the proxy
   reports that it listens and ``ProxyExited`` when it exits, and starts a new
@@ -80,6 +83,8 @@ REPORT_STALE_S = 5.0
 """A replica's load report older than this no longer counts."""
 
 LOST_REASON = "lost: the controller restarted and the process was not found"
+VERSION_SHIFT = 32
+"""Published versions are ``seq << VERSION_SHIFT`` (+ changes outside the log)."""
 
 
 class Controller:
@@ -135,6 +140,12 @@ class Controller:
         self._launching: set[str] = set()
         self._scopes: dict[str, list[anyio.CancelScope]] = collections.defaultdict(list)
         self._reports: dict[str, tuple[float, int]] = {}
+        self._models: dict[str, tuple[str, ...]] = {}
+        """The multiplexed model ids each replica holds or loads, as it reported them."""
+        self._version = 0
+        """The last version published."""
+        self._queued: dict[str, tuple[float, dict[str, int]]] = {}
+        """Requests waiting at each caller, by deployment: (when reported, counts)."""
         self._samples: dict[tuple[str, str], collections.deque[LoadSample]] = {}
         self._next_sample_at = 0.0
         self.server = rpc.Server(self.rpc_methods(), secret, name="controller")
@@ -286,6 +297,7 @@ class Controller:
                 self._cancel_tasks(e.replica)
                 self._procs.pop(e.replica, None)
                 self._reports.pop(e.replica, None)
+                self._models.pop(e.replica, None)
 
     def _cancel_tasks(self, replica: str) -> None:
         for scope in self._scopes.pop(replica, []):
@@ -497,7 +509,18 @@ class Controller:
         """Load samples for autoscaling deployments, one new sample per period."""
         take = now >= self._next_sample_at
         if take:
-            self._next_sample_at = now + LOAD_SAMPLE_PERIOD_S
+            # At least two samples per look-back period, so that the load is
+            # known at every moment of a delay window (see core/autoscaling.py).
+            period = min(
+                [LOAD_SAMPLE_PERIOD_S]
+                + [
+                    auto.look_back_period_s / 2
+                    for app in self.state.apps.values()
+                    for dep in app.deployments.values()
+                    if (auto := dep.spec.config.autoscaling_config) is not None
+                ]
+            )
+            self._next_sample_at = now + period
         out: dict[tuple[str, str], list[LoadSample]] = {}
         for app in self.state.apps.values():
             for dep in app.deployments.values():
@@ -512,30 +535,52 @@ class Controller:
                         for r in dep.replicas.values()
                         if r.id in self._reports and now - self._reports[r.id][0] < REPORT_STALE_S
                     )
-                    series.append(LoadSample(at=now, ongoing=float(ongoing)))
+                    queued = sum(
+                        counts.get(f"{app.name}/{dep.name}", 0)
+                        for at, counts in self._queued.values()
+                        if now - at < REPORT_STALE_S
+                    )
+                    series.append(LoadSample(at=now, ongoing=float(ongoing), queued=float(queued)))
                     keep = auto.look_back_period_s + max(
                         auto.upscale_delay_s, auto.downscale_delay_s
                     )
                     while series and series[0].at < now - keep - LOAD_SAMPLE_PERIOD_S:
                         series.popleft()
                 out[key] = list(series)
+        if take:  # forget callers that stopped reporting long ago
+            for caller in [c for c, (at, _) in self._queued.items() if now - at > 60.0]:
+                del self._queued[caller]
         return out
 
     # ------------------------------------------------------------------ long-poll
 
-    def _publish(self, seq: int) -> None:
-        values = _published_values(self.state)
+    def _publish(self, seq: int | None = None) -> None:
+        """Publish the values that changed with the log event ``seq``, or (None)
+        with no log event: a replica's model ids changed.
+
+        Call it holding ``self._lock``. The version of a change is ``seq <<
+        VERSION_SHIFT``, and one more than the last version for a change
+        outside the log, so versions strictly increase, and stay below
+        ``(journal.seq + 1) << VERSION_SHIFT``, the version of the next log
+        event's change, here or in a restarted controller.
+        """
+        if seq is None:
+            version = max(self.journal.seq << VERSION_SHIFT, self._version) + 1
+        else:
+            version = max(seq << VERSION_SHIFT, self._version + 1)
+        values = _published_values(self.state, self._models)
         changed = False
         for key, value in values.items():
             old = self._published.get(key)
             if old is None or old[1] != value:
-                self._published[key] = (seq, value)
+                self._published[key] = (version, value)
                 changed = True
         for key in list(self._published):
             if key not in values and self._published[key][1] is not None:
-                self._published[key] = (seq, None)
+                self._published[key] = (version, None)
                 changed = True
         if changed:
+            self._version = version
             self._changed.set()
             self._changed = anyio.Event()
 
@@ -578,6 +623,7 @@ class Controller:
             "replica_running": self.replica_running,
             "replica_start_failed": self.replica_start_failed,
             "report_load": self.report_load,
+            "report_queued": self.report_queued,
             "proxy_ready": self.proxy_ready,
             "proxy_start_failed": self.proxy_start_failed,
             "proxy_seen": self.proxy_seen,
@@ -718,10 +764,40 @@ class Controller:
             )
         )
 
-    async def report_load(self, replica: str, ongoing: int) -> None:
-        """A replica's count of requests in flight."""
-        if replica in self.state.replicas:
-            self._reports[replica] = (self.clock(), int(ongoing))
+    async def report_load(
+        self, replica: str, ongoing: int, models: Sequence[str] | None = None
+    ) -> None:
+        """A replica's count of requests in flight, and the ids of the multiplexed
+        models it holds or loads (None: not told, as replicas that multiplex
+        nothing). A change of model ids is published at once."""
+        if replica not in self.state.replicas:
+            return
+        self._reports[replica] = (self.clock(), int(ongoing))
+        if models is None:
+            return
+        ids = tuple(sorted({str(m) for m in models}))
+        if self._models.get(replica, ()) == ids:
+            return
+        async with self._lock:
+            if replica not in self.state.replicas:
+                return
+            self._models[replica] = ids
+            self._publish()
+
+    async def report_queued(self, caller: str, queued: Mapping[str, int]) -> None:
+        """A caller's (handle routers', the proxy's) requests waiting for replicas,
+        by ``"<app>/<deployment>"``. A deployment scaled to zero with requests
+        waiting is sampled and decided on at once: it scales from zero."""
+        now = self.clock()
+        counts = {str(k): int(v) for k, v in queued.items()}
+        self._queued[str(caller)] = (now, counts)
+        for key, n in counts.items():
+            app, _, name = key.partition("/")
+            dep = self.state.apps.get(app, None)
+            d = None if dep is None else dep.deployments.get(name)
+            if n > 0 and d is not None and d.goal == 0:
+                self._next_sample_at = 0.0
+                self._wake.set()
 
     async def wait_for(
         self, predicate: Callable[[ClusterState], bool], timeout_s: float | None = None
@@ -753,7 +829,12 @@ def _state_of(state: ClusterState, replica: str) -> ReplicaState | None:
     return None if r is None else r.state
 
 
-def _published_values(state: ClusterState) -> dict[str, Any]:
+def _published_values(
+    state: ClusterState, models: Mapping[str, Sequence[str]] | None = None
+) -> dict[str, Any]:
+    """What long-poll serves: the route table, and each deployment's RUNNING
+    replicas, each with the multiplexed model ids it reported (``models``)."""
+    models = models or {}
     routes: dict[str, Any] = {}
     values: dict[str, Any] = {"routes": routes}
     for app in state.apps.values():
@@ -763,13 +844,14 @@ def _published_values(state: ClusterState) -> dict[str, Any]:
             config = dep.spec.config
             values[f"replicas/{app.name}/{dep.name}"] = {
                 "replicas": [
-                    {"id": r.id, "address": r.address}
+                    {"id": r.id, "address": r.address, "models": list(models.get(r.id, ()))}
                     for r in dep.replicas.values()
                     if r.state is S.RUNNING
                 ],
                 "max_ongoing_requests": config.max_ongoing_requests,
                 "max_queued_requests": config.max_queued_requests,
                 "failed": dep.failed,
+                "autoscaling": config.autoscaling_config is not None,
             }
     return values
 

@@ -11,7 +11,10 @@ The pieces, from the bottom up:
     one multiplexed RPC connection per replica address, opened on first use.
 :class:`Router`
     one per deployment: *power of two choices* over the RUNNING replicas,
-    by the number of requests this caller has in flight at each. A replica
+    by the number of requests this caller has in flight at each; a request
+    for a multiplexed model (``multiplexed_model_id`` in its meta) goes to
+    the replicas that hold the model if one has room, else to those holding
+    the fewest models (Ray Serve's rule). A replica
     at ``max_ongoing_requests`` (as far as this caller knows) is not chosen;
     one that rejects a request (:class:`~trioserve.exceptions.ReplicaRejected`:
     full, or draining) is skipped for a moment and the request goes
@@ -32,6 +35,7 @@ import contextlib
 import dataclasses
 import logging
 import random
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -66,6 +70,12 @@ REJECTED_BACKOFF_S = 0.05
 WAIT_STEP_MAX_S = 0.1
 """The longest a queued request sleeps before looking at the replicas again."""
 LONG_POLL_RETRY_S = 0.5
+MODEL_HINT_TTL_S = 2.0
+"""How long a caller counts a replica it sent a request for a model it did not
+hold as holding it: until the replica's report of the model reaches the caller,
+further requests for the model go there rather than load it elsewhere."""
+QUEUED_REPORT_PERIOD_S = 1.0
+"""How often a caller with waiting requests reports them to the controller."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +223,19 @@ class _Replica:
     skip_until: float = 0.0
     unreachable: bool = False
     retired: bool = False
+    models: frozenset[str] = frozenset()
+    """The multiplexed model ids the replica reported (held or being loaded)."""
+    hints: dict[str, float] = dataclasses.field(default_factory=dict)
+    """Model ids this caller sent here and the replica has not reported yet:
+    when each hint expires (see :data:`MODEL_HINT_TTL_S`)."""
+
+    def holds(self, model_id: str, now: float) -> bool:
+        return model_id in self.models or self.hints.get(model_id, 0.0) > now
+
+    def model_count(self, now: float) -> int:
+        return len(self.models) + sum(
+            1 for m, until in self.hints.items() if until > now and m not in self.models
+        )
 
 
 class Router:
@@ -231,7 +254,11 @@ class Router:
         self.known = False
         self.exists = True
         self.failed = False
+        self.autoscaling = False
+        """Whether the deployment autoscales (with no replica, requests wait for one)."""
         self.queued = 0
+        """Requests of this caller waiting for a replica (reported for autoscaling)."""
+        self.on_first_queued: Callable[[], None] | None = None
         self._changed = anyio.Event()
         self._waiting = 0
         """Requests waiting for a change (only then does a change need an event)."""
@@ -249,6 +276,7 @@ class Router:
         else:
             self.exists = True
             self.failed = bool(value.get("failed", False))
+            self.autoscaling = bool(value.get("autoscaling", False))
             self.max_ongoing_requests = int(value.get("max_ongoing_requests", 1))
             self.max_queued_requests = int(value.get("max_queued_requests", -1))
             fresh: dict[str, _Replica] = {}
@@ -259,6 +287,10 @@ class Router:
                     fresh[old.id] = old
                 else:
                     fresh[item["id"]] = _Replica(item["id"], item["address"])
+                r = fresh[item["id"]]
+                r.models = frozenset(str(m) for m in item.get("models", ()))
+                for m in r.models & r.hints.keys():
+                    del r.hints[m]  # reported: the hint has done its work
             previous, self.replicas = self.replicas, fresh
             for rid, r in previous.items():
                 if rid not in fresh:
@@ -287,13 +319,20 @@ class Router:
 
     # -- choosing
 
-    async def _choose(self) -> _Replica:
-        """Reserve a slot at a replica, waiting (queued) until one has room."""
+    async def _choose(self, model_id: str = "") -> _Replica:
+        """Reserve a slot at a replica, waiting (queued) until one has room.
+
+        With a ``model_id``, the choice is among the replicas with room that
+        hold the model if any, else among those holding the fewest models
+        (see :meth:`_for_model`).
+        """
         if 0 <= self.max_queued_requests <= self.queued:
             raise BackPressureError(
                 num_queued_requests=self.queued, max_queued_requests=self.max_queued_requests
             )
         self.queued += 1
+        if self.queued == 1 and not self.replicas and self.on_first_queued is not None:
+            self.on_first_queued()  # scale from zero: tell the controller now
         try:
             step = 0.005
             while True:
@@ -307,11 +346,16 @@ class Router:
                         if r.inflight < limit and not r.unreachable and r.skip_until <= now
                     ]
                     if candidates:
+                        if model_id:
+                            candidates = _for_model(candidates, model_id, now)
                         if len(candidates) == 1:
                             chosen = candidates[0]
                         else:
                             a, b = self.rng.sample(candidates, 2)
                             chosen = a if a.inflight <= b.inflight else b
+                        if model_id and not chosen.holds(model_id, now):
+                            chosen.hints = {m: t for m, t in chosen.hints.items() if t > now}
+                            chosen.hints[model_id] = now + MODEL_HINT_TTL_S
                         chosen.inflight += 1
                         return chosen
                 changed = self._changed
@@ -344,7 +388,7 @@ class Router:
     async def call(self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None) -> Any:
         """Send one request to a replica and return its result (or raise its exception)."""
         while True:
-            replica = await self._choose()
+            replica = await self._choose(_model_of(meta))
             try:
                 conn = await self._connect(replica)
                 if conn is None:
@@ -368,7 +412,9 @@ class Router:
 
         Leaving the body early cancels the generator in the replica.
         """
-        async with self._open("handle_request_streaming", meta, args, kwargs or {}) as opened:
+        async with self._open(
+            "handle_request_streaming", meta, args, kwargs or {}, model_id=_model_of(meta)
+        ) as opened:
             replica, items, first = opened
             yield self._rest(replica, items, first)
 
@@ -380,18 +426,18 @@ class Router:
         or draining replica is skipped like for any call; the body then sends
         inputs with :meth:`Channel.send` and iterates over the replies.
         """
-        async with self._open("handle_asgi", meta, *args) as opened:
+        async with self._open("handle_asgi", meta, *args, model_id=_model_of(meta)) as opened:
             replica, items, _ = opened
             yield Channel(self, replica, items)
 
     @contextlib.asynccontextmanager
     async def _open(
-        self, method: str, *args: Any
+        self, method: str, *args: Any, model_id: str = ""
     ) -> AsyncIterator[tuple[_Replica, rpc.Stream, tuple[Any] | None]]:
         """Call the streaming ``method(*args)`` at a replica that admits it;
         gives ``(replica, stream, (first item,) or None)``."""
         while True:
-            replica = await self._choose()
+            replica = await self._choose(model_id)
             try:
                 conn = await self._connect(replica)
                 if conn is None:
@@ -433,6 +479,23 @@ class Router:
         )
 
 
+def _model_of(meta: Mapping[str, Any]) -> str:
+    """The multiplexed model id a request is for (``""``: none)."""
+    return str(meta.get("multiplexed_model_id") or "")
+
+
+def _for_model(candidates: list[_Replica], model_id: str, now: float) -> list[_Replica]:
+    """Ray Serve's multiplexed routing over the replicas that have room: those
+    that hold ``model_id``, else those that hold the fewest models (so that
+    models spread over the replicas before any replica unloads one)."""
+    holders = [r for r in candidates if r.holds(model_id, now)]
+    if holders:
+        return holders
+    counts = [r.model_count(now) for r in candidates]
+    fewest = min(counts)
+    return [r for r, n in zip(candidates, counts, strict=True) if n == fewest]
+
+
 class Channel:
     """A two-way stream to one replica, opened by :meth:`Router.channel`."""
 
@@ -470,8 +533,10 @@ class Routers:
     def __init__(self, instance: InstanceAddress) -> None:
         self.instance = instance
         self.long_poll = LongPollClient(instance)
+        self.caller_id = uuid.uuid4().hex
         self._routers: dict[tuple[str, str], Router] = {}
         self._pool: ReplicaPool | None = None
+        self._report_now = anyio.Event()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -479,8 +544,39 @@ class Routers:
         async with anyio.create_task_group() as tg:
             self._pool = ReplicaPool(self.instance.secret, tg)
             tg.start_soon(self.long_poll.run)
+            tg.start_soon(self._report_queued)
             task_status.started()
             await anyio.sleep_forever()
+
+    async def _report_queued(self) -> None:
+        """Tell the controller how many requests wait here, per deployment (autoscaling).
+
+        Every :data:`QUEUED_REPORT_PERIOD_S` while some wait (and once more
+        when none wait any more), and at once when a request starts waiting
+        for a deployment without replicas, so that it scales from zero.
+        """
+        last: dict[str, int] = {}
+        while True:
+            try:
+                async with rpc.connect(self.instance.controller, self.instance.secret) as ctl:
+                    while True:
+                        with anyio.move_on_after(QUEUED_REPORT_PERIOD_S):
+                            await self._report_now.wait()
+                        self._report_now = anyio.Event()
+                        queued = {
+                            f"{app}/{dep}": r.queued
+                            for (app, dep), r in self._routers.items()
+                            if r.queued or f"{app}/{dep}" in last
+                        }
+                        if queued:
+                            await ctl.call("report_queued", self.caller_id, queued)
+                        last = {key: n for key, n in queued.items() if n}
+            except (OSError, rpc.RpcError, TimeoutError) as exc:
+                log.debug("cannot report queued requests to the controller: %s", exc)
+            await anyio.sleep(QUEUED_REPORT_PERIOD_S)
+
+    def _wake_reporter(self) -> None:
+        self._report_now.set()
 
     def get(self, app: str, deployment: str) -> Router:
         """The router of ``deployment`` in ``app``, subscribed to its replica set."""
@@ -489,6 +585,7 @@ class Routers:
         if router is None:
             assert self._pool is not None, "Routers.run has not started"
             router = Router(app, deployment, self._pool)
+            router.on_first_queued = self._wake_reporter
             self._routers[key] = router
             self.long_poll.subscribe(replicas_key(app, deployment), router.update)
         return router

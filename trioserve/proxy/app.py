@@ -72,6 +72,8 @@ SCOPE_KEYS = (
     "subprotocols",
 )
 """The parts of the ASGI scope a replica gets (the rest is the server's own)."""
+MODEL_ID_HEADER = b"serve_multiplexed_model_id"
+"""The request header that names the multiplexed model a request is for (Ray Serve's)."""
 
 
 def match_route(routes: Mapping[str, Any], path: str) -> str | None:
@@ -186,7 +188,9 @@ class ProxyApp:
         with anyio.move_on_after(NO_REPLICA_WAIT_S):
             while not router.known:  # a route just added: its replica set is on its way
                 await anyio.sleep(0.01)
-        if not router.known or (router.exists and not router.replicas and not router.failed):
+        if not router.known or (
+            router.exists and not router.replicas and not router.failed and not router.autoscaling
+        ):
             return await self._refuse(
                 scope,
                 send,
@@ -207,6 +211,9 @@ class ProxyApp:
             headers.append([b"x-request-id", request_id.encode()])
         out_scope["headers"] = headers
         meta = {"request_id": request_id, "method": "__call__", "route": prefix}
+        model_id = _header(scope, MODEL_ID_HEADER)
+        if model_id:  # routed to replicas that hold the model; serve.get_multiplexed_model_id()
+            meta["multiplexed_model_id"] = model_id
         state = _Relay(send, request_id, scope["type"])
         timeout = self.options.request_timeout_s
         try:

@@ -10,8 +10,11 @@ Started by a launcher, never by hand. In order, it:
    traceback)`` and exits with code 1 when the constructor raised;
 4. reports its ongoing-request count to the controller every
    :data:`LOAD_REPORT_PERIOD_S` (reconnecting when the controller is away;
-   the replica keeps serving meanwhile);
-5. on SIGTERM or SIGINT drains (unless already drained) and exits 0; when
+   the replica keeps serving meanwhile), with the ids of the models it holds
+   once it uses ``@serve.multiplexed``: at once when they change (at most
+   every :data:`MODEL_REPORT_GAP_S`);
+5. on SIGTERM or SIGINT drains (unless already drained), unloads its
+   multiplexed models and exits 0; when
    started with ``--lifeline-fd`` it also exits when the pipe's other end, held
    by the process that started it, closes: so in embedded mode no replica
    outlives its controller, even one killed with SIGKILL.
@@ -35,13 +38,17 @@ from trioserve.core import rpc
 from trioserve.core.config import DeploymentConfig
 from trioserve.core.launcher import asyncio_backend_options, watch_lifeline
 from trioserve.core.routing import InstanceAddress, set_current_instance
+from trioserve.replica import multiplex
 from trioserve.replica.host import ReplicaHost, load_source
 
-__all__ = ["LOAD_REPORT_PERIOD_S", "main"]
+__all__ = ["LOAD_REPORT_PERIOD_S", "MODEL_REPORT_GAP_S", "main"]
 
 log = logging.getLogger("trioserve.replica")
 
 LOAD_REPORT_PERIOD_S = float(os.environ.get("TRIOSERVE_LOAD_REPORT_PERIOD_S", "1.0"))
+MODEL_REPORT_GAP_S = 0.1
+"""The shortest time between two reports made because the model ids changed
+(Ray Serve pushes them at most every 0.1 s too)."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -129,6 +136,7 @@ async def _run(args: argparse.Namespace) -> int:
         tg.start_soon(_report_load, args.controller, secret, host)
         await stop.wait()
         await host.drain()  # at once if the controller had it drained already
+        await multiplex.unload_all()
         log.info("stopped after %d request(s)", host.processed)
         tg.cancel_scope.cancel()
     return 0
@@ -149,13 +157,21 @@ async def _signals(stop: anyio.Event) -> None:
 
 
 async def _report_load(controller: str, secret: bytes, host: ReplicaHost) -> None:
-    """Tell the controller the ongoing-request count, reconnecting as needed."""
+    """Tell the controller the ongoing-request count, and the multiplexed model
+    ids once there are any, reconnecting as needed."""
     while True:
         try:
             async with rpc.connect(controller, secret) as ctl:
                 while True:
-                    await ctl.call("report_load", host.replica_id, host.ongoing)
-                    await anyio.sleep(LOAD_REPORT_PERIOD_S)
+                    seen = multiplex.changes()
+                    if multiplex.in_use():
+                        models = multiplex.model_ids()
+                        await ctl.call("report_load", host.replica_id, host.ongoing, models)
+                    else:  # the two-argument form: no model ids to tell
+                        await ctl.call("report_load", host.replica_id, host.ongoing)
+                    with anyio.move_on_after(LOAD_REPORT_PERIOD_S):
+                        await multiplex.wait_changed(seen)
+                        await anyio.sleep(MODEL_REPORT_GAP_S)
         except (OSError, rpc.RpcError) as exc:
             log.debug("cannot report load to the controller: %s", exc)
         await anyio.sleep(LOAD_REPORT_PERIOD_S)
