@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ import pytest
 os.environ.setdefault("TRIOSERVE_DEFAULT_HTTP_PORT", "0")
 
 
+PROCESS_GONE_DEADLINE_S = 60.0
+"""How long a process may take to exit after ``serve.shutdown()`` returns (a
+generous deadline: it is polled, and the wait ends as soon as the process is gone)."""
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie counts as gone)."""
     try:
@@ -20,6 +26,61 @@ def pid_alive(pid: int) -> bool:
             return "\nState:\tZ" not in f.read()
     except FileNotFoundError:
         return False
+
+
+def process_state(pid: int) -> str | None:
+    """The ``State`` of ``pid`` in ``/proc/<pid>/status`` (``"S (sleeping)"``,
+    ``"Z (zombie)"``...), or None once there is no such process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            status = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    for line in status.splitlines():
+        if line.startswith("State:"):
+            return line.partition(":")[2].strip()
+    return "unknown"
+
+
+def pid_gone_and_reaped(pid: int) -> bool:
+    """True once ``pid`` has exited and its parent has reaped it.
+
+    Unlike :func:`pid_alive`, a zombie (exited, never waited for) is not gone:
+    it means whoever started the process did not wait for it.
+    """
+    return process_state(pid) is None
+
+
+def wait_gone_and_reaped(pids: Iterable[int], what: str) -> None:
+    """Poll until every pid of ``pids`` is gone and reaped; fail naming those left."""
+    pids = sorted(set(pids))
+    deadline = time.monotonic() + PROCESS_GONE_DEADLINE_S
+    while True:
+        left = {pid: state for pid in pids if (state := process_state(pid)) is not None}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            described = ", ".join(f"{pid} (state {state})" for pid, state in left.items())
+            zombie = any(state.startswith("Z") for state in left.values())
+            raise AssertionError(
+                f"{what} still there {PROCESS_GONE_DEADLINE_S:.0f} s after shutdown: "
+                f"{described}"
+                + ("; a zombie has exited but was never reaped by its parent" if zombie else "")
+            )
+        time.sleep(0.05)
+
+
+def proxy_pids(home: Path) -> list[int]:
+    """The pids of the HTTP proxies the latest instance in ``home`` started, from
+    the ``ProxyStarted`` events of its event log (none if it ran no proxy)."""
+    from trioserve.core import events as ev
+    from trioserve.store import EventLog
+
+    path = home / "latest" / "events.db"
+    if not path.exists():
+        return []
+    with EventLog.open(path, create=False) as log:
+        return [s.event.pid for s in log.read() if isinstance(s.event, ev.ProxyStarted)]
 
 
 @pytest.fixture
@@ -34,7 +95,8 @@ def serve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def serve_instance(serve_home: Path) -> Iterator[object]:
     """The embedded instance of the sync API, shut down after the test.
 
-    After shutdown, no replica process of the test may be left running.
+    After shutdown, no replica process of the test may be left running, and
+    the HTTP proxy processes must be gone and reaped (not zombies).
     """
     import trioserve as serve
 
@@ -50,3 +112,4 @@ def serve_instance(serve_home: Path) -> Iterator[object]:
         serve.shutdown()
     left = sorted(pid for pid in pids if pid != os.getpid() and pid_alive(pid))
     assert not left, f"replica processes left running after shutdown: {left}"
+    wait_gone_and_reaped(proxy_pids(serve_home), "HTTP proxy process(es)")

@@ -9,7 +9,7 @@ import pytest
 
 import trioserve as serve
 from tests.apps import concepts
-from tests.conftest import pid_alive
+from tests.conftest import pid_alive, proxy_pids, wait_gone_and_reaped
 from trioserve.exceptions import (
     DeployFailedError,
     DeploymentUnavailableError,
@@ -103,9 +103,12 @@ def test_delete_removes_the_app_and_its_handles_fail_clearly(serve_instance):
 def test_shutdown_stops_replicas_and_status_is_empty_after(serve_home):
     handle = serve.run(concepts.Worker.bind())
     pid = handle.pid.remote().result()
+    [proxy] = proxy_pids(serve_home)  # the instance serves HTTP by default
+    assert pid_alive(proxy)
     serve.shutdown()
 
     assert not pid_alive(pid)
+    wait_gone_and_reaped([proxy], "the HTTP proxy process")
     assert serve.status().applications == {}
     serve.shutdown()  # a second shutdown does nothing
 

@@ -8,6 +8,7 @@ routing on its own loop), and inside replicas (composition).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import pickle
 import time
 from pathlib import Path
@@ -35,9 +36,31 @@ def wait_until(predicate, what: str, timeout_s: float = DEADLINE_S) -> None:
         time.sleep(0.02)
 
 
+def marker(base: Path, name: str) -> Path:
+    """The marker file ``name`` of a ``concepts.Gated.hold(base)`` call."""
+    return base.with_name(f"{base.name}.{name}")
+
+
+def wait_for_marker(base: Path, name: str, what: str) -> None:
+    wait_until(marker(base, name).exists, what)
+
+
+async def await_marker(base: Path, name: str, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not marker(base, name).exists():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.02)
+
+
 @pytest.fixture
 def worker(serve_instance) -> DeploymentHandle:
     return serve.run(concepts.Worker.options(num_replicas=2).bind(), name="w")
+
+
+@pytest.fixture
+def gated(serve_instance) -> DeploymentHandle:
+    return serve.run(concepts.Gated.bind(), name="g")
 
 
 def test_remote_returns_a_response_and_result_waits(worker):
@@ -62,9 +85,14 @@ def test_user_exceptions_arrive_with_their_type(worker):
         worker.fail.remote("bad input").result()
 
 
-def test_result_timeout_raises_timeout_error(worker):
+def test_result_timeout_raises_timeout_error(gated, tmp_path: Path):
+    call = tmp_path / "call"
+    response = gated.hold.remote(str(call), "done")  # held until the gate opens
     with pytest.raises(TimeoutError):
-        worker.sleep.remote(5.0).result(timeout_s=0.1)
+        response.result(timeout_s=0.1)
+    # Only the wait timed out: the request goes on once let through.
+    marker(call, "gate").touch()
+    assert response.result(timeout_s=DEADLINE_S) == "done"
 
 
 def test_requests_are_sent_eagerly_without_waiting_for_results(worker, tmp_path: Path):
@@ -73,15 +101,15 @@ def test_requests_are_sent_eagerly_without_waiting_for_results(worker, tmp_path:
     wait_until(flag.exists, "the request to run without anyone fetching its result")
 
 
-def test_cancel_stops_the_call_in_the_replica(worker, tmp_path: Path):
-    flag = tmp_path / "never"
-    response = worker.sleep_then_flag.remote(1.5, str(flag))
-    time.sleep(0.3)
+def test_cancel_stops_the_call_in_the_replica(gated, tmp_path: Path):
+    call = tmp_path / "call"
+    response = gated.hold.remote(str(call))
+    wait_for_marker(call, "started", "the call to run in the replica")
     response.cancel()
     with pytest.raises(RequestCancelledError):
         response.result(timeout_s=DEADLINE_S)
-    time.sleep(2.0)  # past the time the call would have finished
-    assert not flag.exists()
+    wait_for_marker(call, "cancelled", "the call to be cancelled in the replica")
+    assert not marker(call, "finished").exists()
 
 
 def test_responses_passed_as_arguments_are_resolved_first(worker):
@@ -120,19 +148,36 @@ def test_a_replica_dying_mid_request_is_a_clear_error_and_the_next_call_works(se
     assert handle.add.remote(1, 1).result(timeout_s=DEADLINE_S) == 2
 
 
-def test_max_queued_requests_raises_back_pressure(serve_instance):
+def test_max_queued_requests_raises_back_pressure(serve_instance, tmp_path: Path):
     handle = serve.run(
-        concepts.Worker.options(max_ongoing_requests=1, max_queued_requests=1).bind(), name="bp"
+        concepts.Gated.options(max_ongoing_requests=1, max_queued_requests=1).bind(), name="bp"
     )
     handle.add.remote(0, 0).result()  # the router knows the replica set
-    busy = handle.sleep.remote(2.0, "first")
-    time.sleep(0.3)
-    queued = handle.sleep.remote(0.0, "second")
-    time.sleep(0.3)
-    with pytest.raises(BackPressureError, match="max_queued_requests=1"):
-        handle.sleep.remote(0.0, "third").result(timeout_s=DEADLINE_S)
-    assert busy.result(timeout_s=DEADLINE_S) == "first"
-    assert queued.result(timeout_s=DEADLINE_S) == "second"
+    busy_call = tmp_path / "busy"
+    busy = handle.hold.remote(str(busy_call), "first")
+    wait_for_marker(busy_call, "started", "the first request to occupy the replica")
+    # The replica is full: of the next two requests one waits in the queue and
+    # the other finds the queue full. Which one is the scheduler's choice, so
+    # the refusal is whichever finishes first (the queued one cannot finish
+    # before the gate opens).
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            futures = {  # each waits longer than the wait below: its timeout is no outcome
+                pool.submit(handle.remote(value).result, timeout_s=2 * DEADLINE_S): value
+                for value in ("second", "third")
+            }
+            done, waiting = concurrent.futures.wait(
+                futures, timeout=DEADLINE_S, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            assert len(done) == 1, f"expected one request refused and one queued, got {done}"
+            [refused] = done
+            with pytest.raises(BackPressureError, match="max_queued_requests=1"):
+                refused.result()
+        finally:
+            marker(busy_call, "gate").touch()  # on failure too: let the queued one end
+        assert busy.result(timeout_s=DEADLINE_S) == "first"
+        [queued] = waiting
+        assert queued.result(timeout=DEADLINE_S) == futures[queued]
 
 
 def test_sync_methods_in_replicas_can_block_on_results(serve_instance):
@@ -181,16 +226,22 @@ def test_await_on_trio(worker):
     assert trio.run(main) == (list(range(1, 11)), [0, 1, 2, 3])
 
 
-def test_cancelling_the_awaiting_task_cancels_the_request(worker, tmp_path: Path):
-    flag = tmp_path / "never"
+def test_cancelling_the_awaiting_task_cancels_the_request(gated, tmp_path: Path):
+    call = tmp_path / "call"
 
     async def main():
-        with anyio.move_on_after(0.3):
-            await worker.sleep_then_flag.remote(1.5, str(flag))
+        async with anyio.create_task_group() as tg:
+
+            async def wait_for_the_result():
+                await gated.hold.remote(str(call))
+
+            tg.start_soon(wait_for_the_result)
+            await await_marker(call, "started", "the call to run in the replica")
+            tg.cancel_scope.cancel()
 
     anyio.run(main, backend="asyncio")
-    time.sleep(2.0)
-    assert not flag.exists()
+    wait_for_marker(call, "cancelled", "the call to be cancelled in the replica")
+    assert not marker(call, "finished").exists()
 
 
 def test_handle_pickles_by_name():

@@ -168,9 +168,13 @@ class Client:
                     raise RayServeException(
                         f"Application '{name}' does not exist (it was deleted while deploying)."
                     )
-                proxy = status.get("proxy")
-                if status["status"] == "RUNNING" and proxy is not None:
+                if status["status"] == "RUNNING":
+                    proxy = status.get("proxy")
+                    if proxy is None or status["route_prefix"] is None:
+                        log.info("Deployed app '%s' successfully.", name)
+                        return
                     if proxy["status"] == "HEALTHY":
+                        log.info("Deployed app '%s' successfully.", name)
                         log.info(
                             "Application '%s' is ready at %s%s.",
                             name,
@@ -178,13 +182,11 @@ class Client:
                             status["route_prefix"],
                         )
                         return
-                    if proxy["status"] == "UNHEALTHY":
+                    if proxy.get("start_failed"):
                         raise RayServeException(
                             f"Application '{name}' is running, but the HTTP proxy is not "
                             f"serving: {proxy['message']}"
                         )
-                elif status["status"] == "RUNNING":
-                    return
                 if status["status"] == "DEPLOY_FAILED":
                     raise DeployFailedError(
                         f"Deploying application {name} failed: {status['message']}"

@@ -176,3 +176,36 @@ class SyncCaller:
         except RuntimeError as exc:
             return str(exc)
         return "no error"
+
+
+@serve.deployment
+class Gated:
+    """Calls a test steers through marker files, so that it waits on what the
+    replica did rather than on time.
+
+    ``hold(base)`` writes ``<base>.started`` once it runs in the replica, then
+    waits until ``<base>.gate`` exists and writes ``<base>.finished``; if it is
+    cancelled meanwhile, it writes ``<base>.cancelled`` (and never finishes).
+    """
+
+    async def __call__(self, value: Any = None) -> Any:
+        return value
+
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+    async def hold(self, base: str, value: Any = None) -> Any:
+        _touch(f"{base}.started")
+        try:
+            while not os.path.exists(f"{base}.gate"):
+                await anyio.sleep(0.01)
+        except anyio.get_cancelled_exc_class():
+            _touch(f"{base}.cancelled")
+            raise
+        _touch(f"{base}.finished")
+        return value
+
+
+def _touch(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("")

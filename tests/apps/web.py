@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, WebSocket
+from fastapi import BackgroundTasks, Depends, FastAPI, WebSocket
 from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -256,6 +256,11 @@ class Api:
 
         return StreamingResponse(produce(), media_type="text/plain")
 
+    @api.get("/later")
+    def later(self, mark: str, tasks: BackgroundTasks) -> str:
+        tasks.add_task(touch, mark, "ran after the response")
+        return "answered"
+
     @api.websocket("/ws")
     async def echo(self, websocket: WebSocket) -> None:
         await websocket.accept()
@@ -323,3 +328,15 @@ class Stubborn:
         import time
 
         time.sleep(3600)
+
+
+@serve.deployment
+class Firehose:
+    """Streams 200 KB chunks until the client leaves (frames larger than 64 KiB)."""
+
+    async def __call__(self, request: Request) -> StreamingResponse:
+        async def produce() -> Any:
+            while True:
+                yield b"x" * 200_000
+
+        return StreamingResponse(produce(), media_type="application/octet-stream")

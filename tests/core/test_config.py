@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+import warnings
 from typing import Any
 
 import msgpack
@@ -369,8 +371,12 @@ def test_from_dict_validates_like_the_constructor() -> None:
 def test_http_options_defaults_follow_ray_serve() -> None:
     options = HTTPOptions()
     assert (options.host, options.port, options.root_path) == ("127.0.0.1", 8000, "")
-    assert options.request_timeout_s is None and options.keep_alive_timeout_s == 5.0
-    assert options.enabled
+    # Ray Serve's DEFAULT_UVICORN_KEEP_ALIVE_TIMEOUT_S.
+    assert options.request_timeout_s is None and options.keep_alive_timeout_s == 90
+    assert options.enabled and options.location == "HeadOnly"
+    assert (options.middlewares, options.num_cpus, options.root_url) == ([], 0, "")
+    assert options.ssl_keyfile is options.ssl_certfile is None
+    assert options.ssl_keyfile_password is options.ssl_ca_certs is None
     assert HTTPOptions.from_dict(options.to_dict()) == options
 
 
@@ -398,3 +404,60 @@ def test_proxy_location_disabled_or_noserver_runs_no_proxy() -> None:
     assert not HTTPOptions(location="Disabled").enabled
     assert HTTPOptions(location="NoServer").location == "Disabled"
     assert HTTPOptions(location="EveryNode").enabled
+
+
+@pytest.mark.parametrize("fields", [{"host": None}, {"location": None}])
+def test_no_host_or_no_location_runs_no_proxy_as_in_ray_serve(fields: dict[str, Any]) -> None:
+    options = HTTPOptions.from_dict(fields)
+    assert options.location == "Disabled" and not options.enabled
+    assert options.host == "127.0.0.1"  # stays a str for whoever reads it
+    assert HTTPOptions(**fields) == options
+    assert HTTPOptions.from_dict(options.to_dict()) == options
+
+
+def test_host_none_wins_over_a_proxy_location() -> None:
+    assert not HTTPOptions.from_dict({"host": None, "location": "EveryNode"}).enabled
+
+
+def test_ray_only_fields_are_accepted_ignored_and_warned_about_once() -> None:
+    ray_fields: dict[str, Any] = {
+        "middlewares": [object()],
+        "num_cpus": 1,
+        "root_url": "http://example.com",
+        "ssl_keyfile": "key.pem",
+        "ssl_certfile": "cert.pem",
+        "ssl_keyfile_password": "secret",
+        "ssl_ca_certs": "ca.pem",
+    }
+    with pytest.warns(UserWarning) as caught:
+        options = HTTPOptions.from_dict({"port": 0, **ray_fields})
+    [warning] = caught.list
+    message = str(warning.message)
+    for name in ray_fields:
+        assert name in message
+    assert "ignored" in message and "not HTTPS" in message
+    assert "secret" not in message and "secret" not in repr(options)
+    # They take no part: not passed on (to the proxy), not compared.
+    data = options.to_dict()
+    assert not set(ray_fields) & set(data)
+    assert options == HTTPOptions(port=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert HTTPOptions.from_dict(data) == options  # the trip does not warn again
+        HTTPOptions(middlewares=[], num_cpus=0, root_url="")  # Ray's defaults: no warning
+
+
+def test_one_ignored_field_gives_a_warning_naming_only_it() -> None:
+    with pytest.warns(UserWarning, match="num_cpus: accepted") as caught:
+        HTTPOptions(num_cpus=2)
+    assert "HTTPS" not in str(caught.list[0].message)
+    assert "middlewares" not in str(caught.list[0].message)
+
+
+def test_proxy_location_enums_stand_for_their_value() -> None:
+    class ProxyLocation(str, enum.Enum):  # noqa: UP042 (as ray.serve.config.ProxyLocation)
+        EveryNode = "EveryNode"
+        Disabled = "Disabled"
+
+    assert HTTPOptions(location=ProxyLocation.EveryNode).location == "EveryNode"
+    assert not HTTPOptions(location=ProxyLocation.Disabled).enabled

@@ -537,7 +537,7 @@ def test_scale_up_on_a_full_instance_is_upscaling_with_the_reason() -> None:
     assert kinds(decisions) == ["DeploymentPending"]
     status, text = deployment_status(state.deployment("app", "Model"))
     assert status is DeploymentStatus.UPSCALING
-    assert text == f"Upscaling from 1 to 2 replicas. {pending(decisions)[0]}"
+    assert text == f"Upscaling from 1 to 2 replicas (scaled by hand to 2). {pending(decisions)[0]}"
 
 
 def test_a_rolling_update_on_a_full_gpu_instance_waits_for_room() -> None:

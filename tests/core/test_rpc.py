@@ -824,3 +824,33 @@ def test_a_callee_that_reads_slowly_holds_the_caller_to_the_window(backend: str)
         assert max_lead <= window + window // 2
 
     run(backend, body)
+
+
+def test_inputs_sent_right_after_the_call_are_not_lost(backend: str) -> None:
+    async def body() -> None:
+        async with (
+            serving({"upper": upper_each}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            for _ in range(20):  # the call and its inputs often arrive in one read
+                async with await conn.stream("upper", "?") as replies:
+                    for word in ["x", "y", None]:
+                        await replies.send(word)
+                    assert [item async for item in replies] == ["X?", "Y?"]
+
+    run(backend, body)
+
+
+def test_sending_after_the_stream_ended_neither_blocks_nor_fails(backend: str) -> None:
+    async def body() -> None:
+        async with (
+            serving({"upper": upper_each}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            async with await conn.stream("upper", "!", _window=2) as replies:
+                await replies.send(None)
+                assert [item async for item in replies] == []
+                for word in ["late"] * 10:  # more than the window: would block before
+                    await replies.send(word)
+
+    run(backend, body)

@@ -307,3 +307,60 @@ def test_proxy_events_record_where_it_serves_and_why_it_exited() -> None:
     # A new controller: the proxy of the one before is gone with it.
     apply(state, ev.ControllerStarted(at=4.0, instance_id="i", pid=2))
     assert state.proxy_pid is None and state.proxy_url == ""
+
+
+def test_an_autoscaling_deployment_starting_at_zero_replicas_is_running_at_once() -> None:
+    from trioserve.core.config import AutoscalingConfig
+
+    config = DeploymentConfig(
+        num_replicas=None, autoscaling_config=AutoscalingConfig(min_replicas=0, max_replicas=2)
+    )
+    spec = DeploymentSpec(name="D", code_version="v", config=config, source="import:m:D")
+    state = replay(
+        [
+            ev.ControllerStarted(at=0.0, instance_id="i", pid=1),
+            ev.AppDeployed(at=1.0, app="a", route_prefix="/", ingress="D", deployments=(spec,)),
+        ]
+    )
+    dep = state.apps["a"].deployments["D"]
+    assert dep.target_replicas == 0
+    assert deployment_status(dep)[0] is DeploymentStatus.HEALTHY
+    assert app_status(state.apps["a"])[0] is AppStatus.RUNNING  # serve.run returns, as in Ray
+
+
+def test_the_status_message_of_a_scale_says_why() -> None:
+    from trioserve.core.config import AutoscalingConfig
+
+    config = DeploymentConfig(
+        num_replicas=None, autoscaling_config=AutoscalingConfig(min_replicas=1, max_replicas=4)
+    )
+    spec = DeploymentSpec(name="D", code_version="v", config=config, source="import:m:D")
+    state = replay(
+        [
+            ev.ControllerStarted(at=0.0, instance_id="i", pid=1),
+            ev.AppDeployed(at=1.0, app="a", route_prefix="/", ingress="D", deployments=(spec,)),
+            ev.ReplicaStarting(
+                at=1.0,
+                replica="a#D#1",
+                app="a",
+                deployment="D",
+                code_version="v",
+                config_version=spec.config_version,
+                reason="start",
+            ),
+            ev.ReplicaRunning(at=2.0, replica="a#D#1", address="tcp://x", pid=5),
+            ev.AutoscaleDecision(
+                at=3.0,
+                app="a",
+                deployment="D",
+                from_replicas=1,
+                to_replicas=3,
+                reason="upscale: mean load 6",
+                evidence={},
+            ),
+        ]
+    )
+    status, message = deployment_status(state.apps["a"].deployments["D"])
+    assert status is DeploymentStatus.UPSCALING
+    assert message == "Upscaling from 1 to 3 replicas (upscale: mean load 6)."
+    assert state_from_bytes(state_to_bytes(state)) == state

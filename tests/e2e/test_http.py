@@ -37,6 +37,7 @@ APPS = {
     "/upload": web.Upload,
     "/mortal": web.Mortal,
     "/narrow": web.Narrow,
+    "/firehose": web.Firehose,
 }
 
 
@@ -295,3 +296,26 @@ def test_fastapi_streaming_response_arrives_chunk_by_chunk(served: Served, tmp_p
         assert next(chunks) == b"first;"
         gate.touch()
         assert b"".join(chunks) == b"last"
+
+
+def test_fastapi_background_tasks_run_after_the_response(served: Served, tmp_path: Path) -> None:
+    mark = tmp_path / "later"
+    r = served.client.get("/api/later", params={"mark": str(mark)})
+    assert r.json() == "answered"
+    wait_for(mark.exists, "the background task")
+    assert mark.read_text() == "ran after the response"
+
+
+def test_clients_leaving_large_streams_leave_the_replica_serving(served: Served) -> None:
+    for _ in range(3):
+        clients = [httpx.Client(base_url=served.url, timeout=DEADLINE_S) for _ in range(4)]
+        try:
+            for c in clients:
+                with c.stream("GET", "/firehose") as r:
+                    assert len(next(r.iter_raw())) > 0  # then leave mid-stream
+        finally:
+            for c in clients:
+                c.close()
+    with served.client.stream("GET", "/firehose") as r:
+        assert r.status_code == 200 and len(next(r.iter_raw())) > 0
+    assert served.client.get("/echo").status_code == 200

@@ -50,17 +50,21 @@ def client(app: ProxyApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy")
 
 
-async def test_healthz_is_503_until_the_route_table_arrives_and_while_draining() -> None:
+async def test_healthz_and_routes_are_503_until_an_application_is_exposed() -> None:
     app = ProxyApp(no_router, HTTPOptions())
     async with client(app) as c:
-        r = await c.get("/-/healthz")
-        assert r.status_code == 503 and "starting" in r.text
-        app.update_routes({})
+        for path in ("/-/healthz", "/-/routes"):
+            r = await c.get(path)
+            assert (r.status_code, r.text) == (503, "Route table is not populated yet.")
+        app.update_routes({})  # only applications without a route prefix
+        assert (await c.get("/-/healthz")).status_code == 503
+        app.update_routes({"/a": {"app": "ay", "ingress": "A"}})
         r = await c.get("/-/healthz")
         assert (r.status_code, r.text) == (200, "success")
         app.draining = True
-        r = await c.get("/-/healthz")
-        assert (r.status_code, r.text) == (503, "draining")
+        for path in ("/-/healthz", "/-/routes"):
+            r = await c.get(path)
+            assert (r.status_code, r.text) == (503, "This node is being drained.")
 
 
 async def test_routes_maps_each_prefix_to_its_application() -> None:
@@ -79,7 +83,7 @@ async def test_unknown_path_is_404_with_a_request_id_and_a_pointer_to_routes() -
         r = await c.get("/nope", headers={"x-request-id": "r-1"})
     assert r.status_code == 404
     assert r.headers["x-request-id"] == "r-1"
-    assert r.text == "Path '/nope' not found. Ping http://proxy/-/routes for the available routes."
+    assert r.text == "Path '/nope' not found. Ping http://.../-/routes for available routes."
 
 
 async def test_declared_body_over_the_limit_is_413_before_any_routing() -> None:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,8 +24,11 @@ __all__ = [
     "DEFAULT_TARGET_ONGOING_REQUESTS",
     "EVENT_LOOPS",
     "AutoscalingConfig",
+    "DEFAULT_HTTP_HOST",
     "DEFAULT_HTTP_PORT",
+    "DEFAULT_KEEP_ALIVE_TIMEOUT_S",
     "DEFAULT_MAX_REQUEST_BODY_BYTES",
+    "IGNORED_HTTP_FIELDS",
     "HTTPOptions",
     "ConfigError",
     "DeploymentConfig",
@@ -339,9 +343,22 @@ def check_ray_actor_options(options: Any) -> None:
         _resource_amount(f"resources[{key!r}]", value)
 
 
+DEFAULT_HTTP_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8000
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 90.0
+"""Ray Serve's default (``DEFAULT_UVICORN_KEEP_ALIVE_TIMEOUT_S``)."""
 DEFAULT_MAX_REQUEST_BODY_BYTES = 100 * 1024 * 1024
 PROXY_LOCATIONS = ("HeadOnly", "EveryNode", "Disabled")
+IGNORED_HTTP_FIELDS = (
+    "middlewares",
+    "num_cpus",
+    "root_url",
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_keyfile_password",
+    "ssl_ca_certs",
+)
+"""Ray Serve ``HTTPOptions`` fields that trioserve accepts and ignores."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,26 +366,61 @@ class HTTPOptions:
     """How the proxy serves HTTP (Ray Serve's ``HTTPOptions``, one machine).
 
     ``host``/``port`` are where it listens (port 0: a free port, which
-    ``serve.status()`` then shows); ``root_path`` is prepended to every
+    ``serve.status()`` then shows); ``host=None`` runs no proxy, as in Ray
+    Serve (``location`` becomes ``"Disabled"`` and ``host`` keeps its default,
+    so that it is always a string). ``root_path`` is prepended to every
     application's ASGI ``root_path`` (for serving behind a path-prefixing
     reverse proxy); ``request_timeout_s`` bounds a request end to end (408
     after it; ``None``: no bound); ``keep_alive_timeout_s`` closes idle
-    client connections. trioserve adds ``max_request_body_bytes`` (413 above
-    it) and ``event_loop``, the proxy's loop (``"asyncio"`` with uvloop, or
-    ``"trio"``). ``location`` is Ray's proxy location: ``"Disabled"`` (or
-    ``"NoServer"``) runs no proxy; the others run one, on this machine.
+    client connections (90 s by default, as in Ray Serve). trioserve adds
+    ``max_request_body_bytes`` (413 above it) and ``event_loop``, the proxy's
+    loop (``"asyncio"`` with uvloop, or ``"trio"``). ``location`` is Ray's
+    proxy location: ``"Disabled"`` (or ``"NoServer"``, or ``None``) runs no
+    proxy; the others run one, on this machine.
+
+    Ray Serve's ``middlewares``, ``num_cpus``, ``root_url``, ``ssl_keyfile``,
+    ``ssl_certfile``, ``ssl_keyfile_password`` and ``ssl_ca_certs``
+    (:data:`IGNORED_HTTP_FIELDS`) are accepted so that options written for Ray
+    Serve load, and are ignored: they have no effect (the proxy serves plain
+    HTTP, never HTTPS), are left out of ``to_dict``, comparisons and the repr,
+    and values other than Ray's defaults give one ``UserWarning`` naming them.
     """
 
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_HTTP_HOST
     port: int = DEFAULT_HTTP_PORT
     root_path: str = ""
     request_timeout_s: float | None = None
-    keep_alive_timeout_s: float = 5.0
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
     event_loop: str = "asyncio"
     location: str = "HeadOnly"
+    # Accepted for Ray Serve compatibility, with Ray's defaults; no effect here.
+    middlewares: list[Any] = dataclasses.field(default_factory=list, compare=False, repr=False)
+    num_cpus: int = dataclasses.field(default=0, compare=False, repr=False)
+    root_url: str = dataclasses.field(default="", compare=False, repr=False)
+    ssl_keyfile: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    ssl_certfile: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    ssl_keyfile_password: str | None = dataclasses.field(default=None, compare=False, repr=False)
+    ssl_ca_certs: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        given = [name for name in IGNORED_HTTP_FIELDS if getattr(self, name)]
+        if given:
+            https = any(name.startswith("ssl_") for name in given)
+            warnings.warn(
+                f"http_options {', '.join(given)}: accepted for compatibility with Ray "
+                "Serve and ignored by trioserve"
+                + (" (the proxy serves plain HTTP, not HTTPS)" if https else ""),
+                UserWarning,
+                stacklevel=3,
+            )
+        # Ray Serve: no host, or no location, means no proxy.
+        if self.host is None or self.location is None:
+            object.__setattr__(self, "location", "Disabled")
+        if self.host is None:
+            object.__setattr__(self, "host", DEFAULT_HTTP_HOST)
+        if not isinstance(self.host, str):
+            raise ConfigError(f"http_options host must be a str or None, got {self.host!r}")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"http_options port must be an int in [0, 65535], got {self.port!r}")
         if self.root_path and (not self.root_path.startswith("/") or self.root_path.endswith("/")):
@@ -384,6 +436,8 @@ class HTTPOptions:
             raise ConfigError(
                 f"http_options event_loop must be one of {EVENT_LOOPS}, got {self.event_loop!r}"
             )
+        # Ray's ProxyLocation / DeploymentMode enums stand for their value.
+        object.__setattr__(self, "location", getattr(self.location, "value", self.location))
         if self.location == "NoServer":
             object.__setattr__(self, "location", "Disabled")
         if self.location not in PROXY_LOCATIONS:
@@ -397,7 +451,12 @@ class HTTPOptions:
         return self.location != "Disabled"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields that take effect (the ignored Ray fields are left out)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in IGNORED_HTTP_FIELDS
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> HTTPOptions:

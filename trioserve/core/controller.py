@@ -128,6 +128,8 @@ class Controller:
         self.address = ""
         self._proxy_proc: LaunchedProcess | None = None
         self._proxy_start_error = ""
+        self._proxy_start_failed = False
+        """The last proxy could not listen (its port is taken): not worth waiting for."""
         self._proxy_routes_version = 0
         self._journal: Journal | None = None
         self._lock = anyio.Lock()
@@ -463,10 +465,10 @@ class Controller:
                 self._proxy_proc = proc
                 pid = proc.pid
                 log.info("proxy: started process %d", pid)
-                try:
-                    code = await proc.wait()
-                finally:
-                    self._proxy_proc = None
+                code = await proc.wait()
+                # Only now: if this task is cancelled (shutdown), the process is
+                # still ours to stop in _stop_all_processes.
+                self._proxy_proc = None
                 reason = self._proxy_start_error or describe_exit(code)
             log.warning("proxy: process %s %s", pid, reason)
             await self._record(
@@ -483,6 +485,9 @@ class Controller:
 
     async def proxy_ready(self, pid: int, url: str, event_loop: str) -> None:
         """The proxy ``pid`` listens at ``url``."""
+        if self._proxy_proc is None or self._proxy_proc.pid != pid:
+            return  # a late report of a proxy that is gone already
+        self._proxy_start_failed = False
         await self._record(
             [ev.ProxyStarted(at=self.clock(), pid=pid, url=url, event_loop=event_loop)]
         )
@@ -490,11 +495,23 @@ class Controller:
     async def proxy_start_failed(self, pid: int, error: str) -> None:
         """The proxy ``pid`` cannot serve (its port is taken, say); it exits next."""
         self._proxy_start_error = error
+        self._proxy_start_failed = True
+        self._signal_changed()
 
     async def proxy_seen(self, routes_version: int) -> None:
         """The proxy routes by the route table of ``routes_version`` now."""
         self._proxy_routes_version = max(self._proxy_routes_version, int(routes_version))
         self._signal_changed()
+
+    def _proxy_status(self) -> dict[str, Any]:
+        status = proxy_status(self.state, self._proxy_has_routes(self.state))
+        status["start_failed"] = self._proxy_start_failed and status["status"] == "UNHEALTHY"
+        return status
+
+    def _proxy_serves_or_cannot(self, state: ClusterState) -> bool:
+        return self._proxy_has_routes(state) or (
+            self._proxy_start_failed and bool(state.proxy_error)
+        )
 
     def _proxy_has_routes(self, state: ClusterState) -> bool:
         """Whether the proxy serves, with the route table published last."""
@@ -688,7 +705,7 @@ class Controller:
         async with self._lock:
             status = status_of(self.state)
         if self.http_options is not None:
-            status["proxy"] = proxy_status(self.state, self._proxy_has_routes(self.state))
+            status["proxy"] = self._proxy_status()
         return status
 
     async def wait_app(
@@ -714,11 +731,11 @@ class Controller:
             # Running means reachable: wait until the proxy routes to it.
             with contextlib.suppress(TimeoutError):
                 await self.wait_for(
-                    self._proxy_has_routes, max(0.0, deadline - anyio.current_time())
+                    self._proxy_serves_or_cannot, max(0.0, deadline - anyio.current_time())
                 )
         status: dict[str, Any] | None = status_of(self.state)["applications"].get(app)
         if status is not None and self.http_options is not None:
-            status["proxy"] = proxy_status(self.state, self._proxy_has_routes(self.state))
+            status["proxy"] = self._proxy_status()
         return status
 
     async def put_blob(self, data: bytes) -> str:

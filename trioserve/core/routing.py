@@ -18,7 +18,8 @@ The pieces, from the bottom up:
     at ``max_ongoing_requests`` (as far as this caller knows) is not chosen;
     one that rejects a request (:class:`~trioserve.exceptions.ReplicaRejected`:
     full, or draining) is skipped for a moment and the request goes
-    elsewhere; an unreachable one is skipped until the controller publishes
+    elsewhere; an unreachable one (or one whose connection broke) is skipped
+    for :data:`UNREACHABLE_BACKOFF_S`, or until the controller publishes
     the replica set again. Requests wait at the caller while no replica can
     take them, at most ``max_queued_requests`` of them
     (:class:`~trioserve.exceptions.BackPressureError` beyond that).
@@ -31,6 +32,7 @@ Everything here is written with anyio and runs under trio and asyncio.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -74,6 +76,8 @@ MODEL_HINT_TTL_S = 2.0
 """How long a caller counts a replica it sent a request for a model it did not
 hold as holding it: until the replica's report of the model reaches the caller,
 further requests for the model go there rather than load it elsewhere."""
+UNREACHABLE_BACKOFF_S = 1.0
+"""How long a replica whose connection failed is skipped by this caller."""
 QUEUED_REPORT_PERIOD_S = 1.0
 """How often a caller with waiting requests reports them to the controller."""
 
@@ -221,7 +225,8 @@ class _Replica:
     address: str
     inflight: int = 0
     skip_until: float = 0.0
-    unreachable: bool = False
+    unreachable_until: float = 0.0
+    """Skipped until then: its connection failed (it may have died; if not, it is retried)."""
     retired: bool = False
     models: frozenset[str] = frozenset()
     """The multiplexed model ids the replica reported (held or being loaded)."""
@@ -256,6 +261,8 @@ class Router:
         self.failed = False
         self.autoscaling = False
         """Whether the deployment autoscales (with no replica, requests wait for one)."""
+        self._at_address: collections.Counter[str] = collections.Counter()
+        """Requests in flight per replica address (one connection each)."""
         self.queued = 0
         """Requests of this caller waiting for a replica (reported for autoscaling)."""
         self.on_first_queued: Callable[[], None] | None = None
@@ -283,7 +290,7 @@ class Router:
             for item in value.get("replicas", ()):
                 old = self.replicas.get(item["id"])
                 if old is not None and old.address == item["address"]:
-                    old.unreachable = False
+                    old.unreachable_until = 0.0
                     fresh[old.id] = old
                 else:
                     fresh[item["id"]] = _Replica(item["id"], item["address"])
@@ -301,10 +308,11 @@ class Router:
         """A replica left the set (it drains, or is gone): close its connection once
         this caller has no request left on it, so that requests in flight finish."""
         replica.retired = True
-        if replica.inflight == 0 and not any(
-            r.address == replica.address for r in self.replicas.values()
+        address = replica.address
+        if not self._at_address.get(address) and not any(
+            r.address == address for r in self.replicas.values()
         ):
-            self.pool.forget(replica.address)
+            self.pool.forget(address)
 
     def _notify(self) -> None:
         if self._waiting:
@@ -343,7 +351,7 @@ class Router:
                     candidates = [
                         r
                         for r in self.replicas.values()
-                        if r.inflight < limit and not r.unreachable and r.skip_until <= now
+                        if r.inflight < limit and r.unreachable_until <= now and r.skip_until <= now
                     ]
                     if candidates:
                         if model_id:
@@ -357,6 +365,7 @@ class Router:
                             chosen.hints = {m: t for m, t in chosen.hints.items() if t > now}
                             chosen.hints[model_id] = now + MODEL_HINT_TTL_S
                         chosen.inflight += 1
+                        self._at_address[chosen.address] += 1
                         return chosen
                 changed = self._changed
                 self._waiting += 1
@@ -371,6 +380,9 @@ class Router:
 
     def _release(self, replica: _Replica) -> None:
         replica.inflight -= 1
+        self._at_address[replica.address] -= 1
+        if not self._at_address[replica.address]:
+            del self._at_address[replica.address]
         if replica.retired:
             self._retire(replica)
         self._notify()
@@ -380,7 +392,7 @@ class Router:
             return await self.pool.get(replica.address)
         except (OSError, rpc.RpcError, TimeoutError) as exc:
             log.info("replica %s at %s is unreachable: %s", replica.id, replica.address, exc)
-            replica.unreachable = True
+            replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
             return None
 
     # -- calling
@@ -399,7 +411,7 @@ class Router:
                     replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
                     continue
                 except rpc.ConnectionLost as exc:
-                    replica.unreachable = True
+                    replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
                     raise self._died(replica) from exc
             finally:
                 self._release(replica)
@@ -451,7 +463,7 @@ class Router:
                         replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
                         continue
                     except rpc.ConnectionLost as exc:
-                        replica.unreachable = True
+                        replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
                         raise self._died(replica) from exc
                     yield replica, items, first
                     return
@@ -468,7 +480,7 @@ class Router:
             async for item in items:
                 yield item
         except rpc.ConnectionLost as exc:
-            replica.unreachable = True
+            replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
             raise self._died(replica) from exc
 
     def _died(self, replica: _Replica) -> ReplicaDiedError:
@@ -511,7 +523,7 @@ class Channel:
         try:
             await self._items.send(value)
         except rpc.ConnectionLost as exc:
-            self._replica.unreachable = True
+            self._replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
             raise self._router._died(self._replica) from exc
 
     async def __aiter__(self) -> AsyncIterator[Any]:
@@ -520,7 +532,7 @@ class Channel:
             async for item in self._items:
                 yield item
         except rpc.ConnectionLost as exc:
-            self._replica.unreachable = True
+            self._replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
             raise self._router._died(self._replica) from exc
 
 

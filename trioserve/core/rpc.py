@@ -99,6 +99,8 @@ DEFAULT_MAX_FRAME_SIZE = 512 * 1024 * 1024
 DEFAULT_STREAM_WINDOW = 16
 """Chunks a stream may have in flight before the callee waits for credit."""
 READ_SIZE = 256 * 1024
+WRITE_TIMEOUT_S = 60.0
+"""How long one frame may take to write (the peer not reading) before the connection closes."""
 
 CALL, RESULT, ERROR, CANCEL, CHUNK, END, CREDIT, INPUT = range(8)
 _EXT_PICKLE = 1
@@ -310,12 +312,19 @@ class _FrameStream:
                 f"a message of {len(body)} bytes is over the frame limit of "
                 f"{self.max_frame_size} bytes"
             )
+        header = _LENGTH.pack(len(body))
+        parts = (header + body,) if len(body) < 65536 else (header, body)
         async with self._send_lock:
-            if len(body) < 65536:
-                await self.stream.send(_LENGTH.pack(len(body)) + body)
-            else:
-                await self.stream.send(_LENGTH.pack(len(body)))
-                await self.stream.send(body)
+            # A frame goes out whole or the connection closes: a cancellation
+            # halfway through would leave the peer a length with no body.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT_S) as timer:
+                for part in parts:
+                    await self.stream.send(part)
+            if timer.cancelled_caught:
+                await anyio.aclose_forcefully(self.stream)
+                raise anyio.BrokenResourceError(
+                    f"a frame could not be written within {WRITE_TIMEOUT_S} s; connection closed"
+                )
 
 
 # ---------------------------------------------------------------------------- addresses
@@ -374,13 +383,17 @@ class Stream:
     async def send(self, value: Any) -> None:
         """Send one input to the callee's inbox; waits while the callee is ``window`` behind.
 
-        Raises :class:`ConnectionLost` when the connection is gone. Inputs sent
-        after the callee finished are dropped by the callee.
+        Raises :class:`ConnectionLost` when the connection is gone. Once the
+        stream is over (the callee returned, failed, or the caller closed it),
+        inputs are dropped.
         """
+        if self._finished:
+            return  # the callee is done: nothing reads inputs any more
         await self._input_credit.take()
         if self._conn._closed:
             raise ConnectionLost(self._conn._lost_reason())
-        await self._conn._send([INPUT, self._id, value])
+        if not self._finished:
+            await self._conn._send([INPUT, self._id, value])
 
     def _deliver(self, kind: int, value: Any) -> None:
         try:
@@ -408,6 +421,7 @@ class Stream:
                     await self._conn._frames.write_frame([CREDIT, self._id, n])
             return value
         self._finished = True
+        self._input_credit.add(self._window)  # wake a sender; it sees the stream is over
         self._conn._calls.pop(self._id, None)
         if kind == END:
             raise StopAsyncIteration
@@ -417,6 +431,7 @@ class Stream:
         """Stop reading; if the stream is not over, cancel it at the callee."""
         if not self._finished:
             self._finished = True
+            self._input_credit.add(self._window)
             self._conn._calls.pop(self._id, None)
             await self._conn._send_cancel(self._id)
         self._recv.close()
@@ -783,6 +798,12 @@ class _ServerConnection:
                         self.tasks[call_id] = scope
                         if window:
                             self.credit[call_id] = _Credit(int(window))
+                            fn = (
+                                self.server.methods.get(method) if isinstance(method, str) else None
+                            )
+                            if getattr(fn, "_rpc_takes_inbox", False):
+                                # Now, not in the call's task: inputs may follow in this read.
+                                self.inboxes[call_id] = Inbox(self, call_id, int(window))
                         tg.start_soon(self._run_call, scope, call_id, method, args, kwargs, window)
                     elif kind == CANCEL:
                         victim = self.tasks.get(message[1])
@@ -823,9 +844,8 @@ class _ServerConnection:
                         raise LookupError(f"{self.server.name} has no method {method!r}")
                     if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
                         raise TypeError("call arguments must be a list and a map")
-                    if window and getattr(fn, "_rpc_takes_inbox", False):
-                        inbox = Inbox(self, call_id, int(window))
-                        self.inboxes[call_id] = inbox
+                    inbox = self.inboxes.get(call_id)
+                    if window and inbox is not None:
                         await self._run_stream(call_id, fn, (inbox, *args), kwargs)
                     elif window:
                         await self._run_stream(call_id, fn, args, kwargs)

@@ -164,6 +164,8 @@ class Deployment:
     scale_direction: int = 0
     """+1 / -1 while a change of target is being carried out, else 0."""
     last_scale_at: float | None = None
+    last_scale_reason: str = ""
+    """Why the autoscaler last changed the target (``AutoscaleDecision.reason``)."""
     pending: str = ""
     """Why wanted replicas cannot be placed now (``DeploymentPending``); empty if none."""
     replicas: dict[str, Replica] = dataclasses.field(default_factory=dict)
@@ -341,9 +343,9 @@ def _on_app_deployed(state: ClusterState, event: Event) -> None:
     for spec in event.deployments:
         config = spec.config
         if spec.name not in app.deployments:
-            app.deployments[spec.name] = Deployment(
-                event.app, spec.name, spec, target_replicas=config.initial_target
-            )
+            new = Deployment(event.app, spec.name, spec, target_replicas=config.initial_target)
+            app.deployments[spec.name] = new
+            _note_progress(new)  # a goal of 0 (min_replicas=0) is reached at once
             continue
         dep = app.deployments[spec.name]
         auto = config.autoscaling_config
@@ -390,6 +392,7 @@ def _on_deployment_scaled(state: ClusterState, event: Event) -> None:
     if event.num_replicas != dep.target_replicas:
         dep.scale_direction = 1 if event.num_replicas > dep.target_replicas else -1
     dep.target_replicas = event.num_replicas
+    dep.last_scale_reason = f"scaled by hand to {event.num_replicas}"
     _note_progress(dep)
 
 
@@ -544,6 +547,7 @@ def _on_autoscale_decision(state: ClusterState, event: Event) -> None:
     )
     dep.target_replicas = event.to_replicas
     dep.last_scale_at = event.at
+    dep.last_scale_reason = event.reason
     _note_progress(dep)
 
 
@@ -640,10 +644,11 @@ def _status(dep: Deployment) -> tuple[DeploymentStatus, str]:
         if dep.failures:
             msg += f" {dep.failures} failed to start; the last error:\n{dep.last_error}"
         return DeploymentStatus.UPDATING, msg
+    why = f" ({dep.last_scale_reason})" if dep.last_scale_reason else ""
     if dep.scale_direction > 0 and running < goal:
-        return DeploymentStatus.UPSCALING, f"Upscaling from {running} to {goal} replicas."
+        return DeploymentStatus.UPSCALING, f"Upscaling from {running} to {goal} replicas{why}."
     if dep.scale_direction < 0 and running > goal:
-        return DeploymentStatus.DOWNSCALING, f"Downscaling from {running} to {goal} replicas."
+        return DeploymentStatus.DOWNSCALING, f"Downscaling from {running} to {goal} replicas{why}."
     if running < goal:
         return DeploymentStatus.UNHEALTHY, (
             f"{running} of {goal} replicas are running; replacing the others."

@@ -5,8 +5,8 @@
 publishes (``{route_prefix: {"app", "ingress"}}``) and, per request:
 
 1. answers the proxy's own paths: ``/-/routes`` (JSON ``{prefix: app}``) and
-   ``/-/healthz`` (``success``, or 503 while it has no route table yet or
-   drains);
+   ``/-/healthz`` (``success``), both 503 until some application is exposed
+   or while the proxy drains, as Ray Serve's proxy answers;
 2. picks the application by the longest ``route_prefix`` that matches the
    path (exactly, or followed by ``/``), else answers 404 naming
    ``/-/routes``;
@@ -53,6 +53,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+CANCELLED = "cancelled"
+"""What the access log says of a request whose client left before the response ended
+(the replica's log line says the same)."""
 NO_REPLICA_WAIT_S = 5.0
 """How long a request waits for the replica set of an ingress deployment the
 proxy has not routed to before (it asks the controller on first use)."""
@@ -103,8 +106,6 @@ class ProxyApp:
         self.routes: dict[str, Mapping[str, str]] = {}
         self.routes_known = False
         self.draining = False
-        self.inflight = 0
-        """Requests being forwarded now (the proxy waits for them when it stops)."""
 
     def update_routes(self, value: Mapping[str, Any] | None) -> None:
         """Take the route table the controller published."""
@@ -121,23 +122,21 @@ class ProxyApp:
         if kind not in ("http", "websocket"):
             return
         path = scope.get("path", "/")
-        if kind == "http" and path == "/-/routes":
-            table = {prefix: r["app"] for prefix, r in sorted(self.routes.items())}
-            await _respond(send, 200, json.dumps(table).encode(), "application/json")
-            return
-        if kind == "http" and path == "/-/healthz":
-            if not self.routes_known:
-                await _respond(send, 503, b"starting: no route table yet")
-            elif self.draining:
-                await _respond(send, 503, b"draining")
-            else:
+        if kind == "http" and path in ("/-/routes", "/-/healthz"):
+            # As Ray Serve's proxy: not ready until some application is exposed.
+            if self.draining:
+                await _respond(send, 503, b"This node is being drained.")
+            elif not self.routes:
+                await _respond(send, 503, b"Route table is not populated yet.")
+            elif path == "/-/healthz":
                 await _respond(send, 200, b"success")
+            else:
+                table = {prefix: r["app"] for prefix, r in sorted(self.routes.items())}
+                await _respond(send, 200, json.dumps(table).encode(), "application/json")
             return
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
         if not self.routes_known:
-            await self._refuse(
-                scope, send, 503, "The proxy is starting: it has no route table yet.", request_id
-            )
+            await self._refuse(scope, send, 503, "Route table is not populated yet.", request_id)
             return
         prefix = match_route(self.routes, path)
         if prefix is None:
@@ -145,18 +144,13 @@ class ProxyApp:
                 scope,
                 send,
                 404,
-                f"Path '{path}' not found. Ping http://{_host(scope)}/-/routes for the "
-                "available routes.",
+                f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
                 request_id,
             )
             return
         route = self.routes[prefix]
         started = time.monotonic()
-        self.inflight += 1
-        try:
-            status = await self._forward(scope, receive, send, prefix, route, request_id)
-        finally:
-            self.inflight -= 1
+        status = await self._forward(scope, receive, send, prefix, route, request_id)
         log.info(
             "%s %s %s -> %s/%s %s %.1fms",
             request_id,
@@ -164,7 +158,7 @@ class ProxyApp:
             path,
             route["app"],
             route["ingress"],
-            status or "-",
+            status,
             (time.monotonic() - started) * 1000,
         )
 
@@ -176,8 +170,9 @@ class ProxyApp:
         prefix: str,
         route: Mapping[str, str],
         request_id: str,
-    ) -> int:
-        """Relay one request to a replica; returns the status sent (0 if none)."""
+    ) -> int | str:
+        """Relay one request to a replica; returns the status sent (0 if none), or
+        :data:`CANCELLED`."""
         declared = _header(scope, b"content-length")
         limit = self.options.max_request_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -231,8 +226,10 @@ class ProxyApp:
                                         raise _TooLarge
                                 await channel.send(dict(message))
                                 if message["type"] in ("http.disconnect", "websocket.disconnect"):
-                                    state.client_gone = scope["type"] == "http"
-                                    if state.client_gone:
+                                    # After the whole response, a disconnect is the
+                                    # normal end: background tasks in the app go on.
+                                    if scope["type"] == "http" and not state.finished:
+                                        state.client_gone = True
                                         tg.cancel_scope.cancel()
                                     return
 
@@ -243,7 +240,7 @@ class ProxyApp:
         except Exception as raised:
             error = _unwrap(raised)
             if isinstance(error, TimeoutError):
-                status, text = 408, f"Request {request_id} timed out after {timeout} s."
+                status, text = 408, f"Request {request_id} timed out after {timeout}s."
             elif isinstance(error, _TooLarge):
                 status, text = 413, f"Request body over the limit of {limit} bytes."
             elif isinstance(error, (BackPressureError, DeploymentUnavailableError)):
@@ -257,7 +254,7 @@ class ProxyApp:
             return await self._fail(state, scope, status, text)
         if state.client_gone and not state.finished:
             log.info("%s: the client disconnected; the request was cancelled", request_id)
-            return 499
+            return CANCELLED
         return state.status
 
     async def _refuse(
@@ -269,10 +266,10 @@ class ProxyApp:
         await _respond(send, status, text.encode(), request_id=request_id)
         return status
 
-    async def _fail(self, state: _Relay, scope: Scope, status: int, text: str) -> int:
+    async def _fail(self, state: _Relay, scope: Scope, status: int, text: str) -> int | str:
         """Answer ``status`` if nothing was sent yet; else end the response early."""
         if state.client_gone:
-            return 499
+            return CANCELLED
         if not state.started:
             return await self._refuse(scope, state.raw_send, status, text, state.request_id)
         log.warning("%s: %s after the response started; closing it", state.request_id, text)
@@ -364,11 +361,3 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if bytes(key).lower() == name:
             return bytes(value).decode("latin-1")
     return None
-
-
-def _host(scope: Scope) -> str:
-    host = _header(scope, b"host")
-    if host:
-        return host
-    server = scope.get("server") or ("127.0.0.1", 8000)
-    return f"{server[0]}:{server[1]}"

@@ -22,7 +22,6 @@ Started by the controller through a launcher, never by hand. In order, it:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -151,14 +150,14 @@ async def _run(controller: str, secret: bytes, options: HTTPOptions, sock: socke
         seen.set()
         seen = anyio.Event()
 
+    url = _url(options, sock)
     config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the socket from here
     config.keep_alive_timeout = options.keep_alive_timeout_s
     config.graceful_timeout = GRACEFUL_TIMEOUT_S
     config.accesslog = None
     config.errorlog = logging.getLogger("trioserve.proxy.hypercorn")
     config.root_path = ""
-    url = _url(options, sock)
 
     async with anyio.create_task_group() as tg:
         await tg.start(routers.run)
@@ -174,8 +173,6 @@ async def _run(controller: str, secret: bytes, options: HTTPOptions, sock: socke
         with anyio.move_on_after(GRACEFUL_TIMEOUT_S + 5):
             await served.wait()
         tg.cancel_scope.cancel()
-    with contextlib.suppress(OSError):  # hypercorn may have closed it already
-        sock.close()
 
 
 async def _serve(

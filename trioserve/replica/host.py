@@ -486,7 +486,14 @@ class ReplicaHost:
         self.deleted = True
         if self._lifespan is not None:
             try:
-                await self._lifespan.shutdown()
+                with anyio.move_on_after(self.config.graceful_shutdown_timeout_s) as timer:
+                    await self._lifespan.shutdown()
+                if timer.cancelled_caught:
+                    log.warning(
+                        "the ASGI lifespan shutdown of the ingress app did not finish within "
+                        "graceful_shutdown_timeout_s=%s",
+                        self.config.graceful_shutdown_timeout_s,
+                    )
             except Exception:
                 log.exception("the ASGI lifespan shutdown of the ingress app failed")
         fn = getattr(type(self.obj), "__del__", None)
