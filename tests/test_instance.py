@@ -86,3 +86,16 @@ def test_http_options_from_merges_the_default_port_and_proxy_location(
     monkeypatch.setenv("TRIOSERVE_DEFAULT_HTTP_PORT", "eighty")
     with pytest.raises(RayServeException, match="TRIOSERVE_DEFAULT_HTTP_PORT"):
         http_options_from()
+
+
+def test_http_options_without_a_host_keep_the_proxy_off_whatever_the_location() -> None:
+    import warnings
+
+    from trioserve.core.config import HTTPOptions
+    from trioserve.instance import http_options_from
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not http_options_from(HTTPOptions(host=None), "HeadOnly").enabled
+        assert not http_options_from({"host": None}, "EveryNode").enabled
+    assert http_options_from({"port": 0}, "HeadOnly").enabled

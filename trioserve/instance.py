@@ -69,6 +69,8 @@ def http_options_from(value: Any = None, proxy_location: Any = None) -> HTTPOpti
 
     ``value`` is an ``HTTPOptions``, a dict of its fields, or None (all
     defaults). A port not given is ``$TRIOSERVE_DEFAULT_HTTP_PORT``, else 8000.
+    ``proxy_location`` overrides the options' location, except that options
+    that turn the proxy off (``host=None``) keep it off.
     """
     if isinstance(value, HTTPOptions):
         options = value.to_dict()
@@ -78,9 +80,12 @@ def http_options_from(value: Any = None, proxy_location: Any = None) -> HTTPOpti
         options = {"port": _default_port(), **value}
     else:
         raise TypeError(f"http_options must be an HTTPOptions or a dict, got {value!r}")
-    if proxy_location is not None:
+    given = HTTPOptions.from_dict(options)
+    if proxy_location is not None and given.enabled:
+        # A proxy turned off in the options (host=None, as in Ray) stays off.
         options["location"] = str(getattr(proxy_location, "value", proxy_location))
-    return HTTPOptions.from_dict(options)
+        return HTTPOptions.from_dict(options)
+    return given
 
 
 def _default_port() -> int:
