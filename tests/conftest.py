@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,6 +84,23 @@ def proxy_pids(home: Path) -> list[int]:
         return [s.event.pid for s in log.read() if isinstance(s.event, ev.ProxyStarted)]
 
 
+def replica_pids(status: Any) -> set[int]:
+    """The pids of every replica ``serve.status()`` shows."""
+    return {
+        r.pid
+        for app in status.applications.values()
+        for dep in app.deployments.values()
+        for r in dep.replicas
+        if r.pid
+    }
+
+
+def assert_replicas_gone(pids: set[int]) -> None:
+    """After shutdown: none of ``pids`` (replicas seen before it) may still run."""
+    left = sorted(pid for pid in pids if pid != os.getpid() and pid_alive(pid))
+    assert not left, f"replica processes left running after shutdown: {left}"
+
+
 @pytest.fixture
 def serve_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh state dir (``TRIOSERVE_HOME``) for this test."""
@@ -104,12 +122,8 @@ def serve_instance(serve_home: Path) -> Iterator[object]:
     pids: set[int] = set()
     try:
         yield serve
-        status = serve.status()
-        for app in status.applications.values():
-            for dep in app.deployments.values():
-                pids |= {r.pid for r in dep.replicas if r.pid}
+        pids = replica_pids(serve.status())
     finally:
         serve.shutdown()
-    left = sorted(pid for pid in pids if pid != os.getpid() and pid_alive(pid))
-    assert not left, f"replica processes left running after shutdown: {left}"
+    assert_replicas_gone(pids)
     wait_gone_and_reaped(proxy_pids(serve_home), "HTTP proxy process(es)")

@@ -14,7 +14,6 @@ module's fixture then fails if any replica of its applications was replaced.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import threading
@@ -41,7 +40,7 @@ from wsproto.events import (
 )
 
 from tests.apps import web
-from tests.conftest import pid_alive
+from tests.conftest import assert_replicas_gone, replica_pids
 
 DEADLINE_S = 60.0
 """How long a test waits for something it expects to happen."""
@@ -109,13 +108,10 @@ def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
             yield proxy
             status = serve.status()
             last = _replica_ids(status, MODULE_APPS)
-            for app in status.applications.values():
-                for dep in app.deployments.values():
-                    pids |= {r.pid for r in dep.replicas if r.pid}
+            pids = replica_pids(status)
         finally:
             serve.shutdown()
-    left = sorted(pid for pid in pids if pid != os.getpid() and pid_alive(pid))
-    assert not left, f"replica processes left running after shutdown: {left}"
+    assert_replicas_gone(pids)
     failures = [line for line in proxy.replica_logs().splitlines() if "the replica failed" in line]
     assert last == first, (
         f"replicas were replaced while the module ran: {first} -> {last}\n" + "\n".join(failures)

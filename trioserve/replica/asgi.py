@@ -577,7 +577,7 @@ class Lifespan:
 
         lifespan = Lifespan(app)
         await lifespan.startup(task_group)
-        ...
+        serve(lifespan.app_with_state())
         await lifespan.shutdown()
 
     The app's lifespan coroutine runs for the life of the replica;

@@ -50,6 +50,7 @@ and starts again with the next request.
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextvars
 import functools
@@ -120,7 +121,7 @@ def _checked_batch_size_fn(value: object) -> BatchSizeFn | None:
 # --------------------------------------------------------------------------- requests
 
 
-class _Request:
+class _Request(abc.ABC):
     """One caller's request: its arguments and the way its result goes back."""
 
     __slots__ = ("arguments", "arrived", "finished", "gone", "item", "model_id", "owner")
@@ -137,9 +138,9 @@ class _Request:
         self.gone = False
         """The caller stopped waiting (cancelled, or closed its stream)."""
 
+    @abc.abstractmethod
     def fail(self, error: BaseException) -> None:
         """Give the caller ``error`` (nothing when it has its outcome already)."""
-        raise NotImplementedError
 
 
 class _Call(_Request):
