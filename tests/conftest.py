@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,29 @@ def wait_gone_and_reaped(pids: Iterable[int], what: str) -> None:
                 f"{described}"
                 + ("; a zombie has exited but was never reaped by its parent" if zombie else "")
             )
+        time.sleep(0.05)
+
+
+POLL_DEADLINE_S = 120.0
+"""How long :func:`poll_until` waits by default (generous: the wait ends as soon as
+the condition holds)."""
+
+
+def poll_until(
+    produce: Callable[[], Any],
+    what: str,
+    on_fail: Callable[[], str] = str,
+    deadline_s: float = POLL_DEADLINE_S,
+) -> Any:
+    """Poll ``produce`` until it returns something truthy, and return that; fail
+    naming ``what`` (and ``on_fail()``, some context) after ``deadline_s``."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = produce()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting for {what} after {deadline_s:.0f} s\n{on_fail()}")
         time.sleep(0.05)
 
 

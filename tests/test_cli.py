@@ -334,7 +334,11 @@ def test_help(capsys: pytest.CaptureFixture[str]):
     assert "--deployment" in capsys.readouterr().out
     assert cli.main([]) == 2
     assert "usage: trioserve" in capsys.readouterr().err
-    assert cli.main(["status"]) == 2  # no other command yet
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("run", "start", "deploy", "status", "config", "delete", "shutdown", "build"):
+        assert command in out
+    assert cli.main(["frobnicate"]) == 2
     capsys.readouterr()
 
 

@@ -12,6 +12,13 @@ Commands::
     trioserve log export  [--format jsonl] [--log PATH] [-o FILE]
         every event as one JSON object per line
 
+    trioserve run   IMPORT_PATH [KEY=VALUE ...] | CONFIG.yaml
+                    [--name N] [--route-prefix P] [--host H] [--port N]
+                    [--working-dir D] [--reload]
+        serve an application (or a config file's) in the foreground until Ctrl-C
+    trioserve build IMPORT_PATH ... [-o FILE]
+        write a config file (Ray Serve's schema) for applications
+
 ``--log`` takes an ``events.db`` file or a run folder; without it, the log of
 the latest run in the state dir is read (``$TRIOSERVE_HOME/latest/events.db``,
 by default ``~/.trioserve/latest/events.db``). The log is opened without
@@ -447,6 +454,133 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -------------------------------------------------------------------- run, build
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """``trioserve run``: the work is :func:`trioserve.config_file.run_foreground`."""
+    from trioserve import config_file as cf
+
+    try:
+        if cf.is_config_path(args.target):
+            given = [
+                flag
+                for flag, value in (
+                    ("--name", args.name),
+                    ("--route-prefix", args.route_prefix),
+                    ("--working-dir", args.working_dir),
+                    ("KEY=VALUE arguments", args.app_args),
+                )
+                if value
+            ]
+            if given:
+                raise CliError(
+                    f"{', '.join(given)} cannot be used with a config file: set name, "
+                    "route_prefix, args and runtime_env.working_dir in the file instead."
+                )
+            path = Path(args.target).expanduser()
+
+            def load() -> cf.ServeConfig:
+                return cf.load_config_file(path)
+
+            config = load()
+            folders = {
+                Path(a.runtime_env.get("working_dir") or Path.cwd()) for a in config.applications
+            }
+            watch = [path, *sorted(folders)]
+        else:
+            app = cf.app_from_import_path(
+                args.target,
+                name=args.name,
+                route_prefix=args.route_prefix,
+                args=cf.parse_key_value_args(args.app_args),
+                working_dir=args.working_dir,
+            )
+
+            def load() -> cf.ServeConfig:
+                return cf.ServeConfig(applications=(app,))
+
+            watch = [Path(app.runtime_env.get("working_dir") or Path.cwd())]
+        return cf.run_foreground(
+            load, host=args.host, port=args.port, reload=args.reload, watch=watch
+        )
+    except cf.ConfigFileError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    """``trioserve build``: :func:`trioserve.config_file.build_config`, as YAML."""
+    from trioserve import config_file as cf
+
+    try:
+        text = cf.dump_config(cf.build_config(args.import_paths))
+    except cf.ConfigFileError as exc:
+        raise CliError(str(exc)) from exc
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+        return EXIT_OK
+    target = Path(args.output).expanduser()
+    try:
+        target.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    print(f"wrote the config of {len(args.import_paths)} app(s) to {target}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _add_run_build_commands(commands: Any) -> None:
+    run = commands.add_parser(
+        "run",
+        help="serve an application or a config file in the foreground until Ctrl-C",
+        description=(
+            "Serve in the foreground until Ctrl-C (or SIGTERM), which stops every replica "
+            "and the proxy. TARGET is a config file (.yaml/.yml, Ray Serve's schema) or an "
+            "import path module:app naming an Application or a builder function, which "
+            "gets the KEY=VALUE arguments as a dict."
+        ),
+        epilog=(
+            "Exit codes: 0 stopped by Ctrl-C/SIGTERM, 1 the deployment failed (or the proxy "
+            "could not serve), 2 a bad config file, import path or argument."
+        ),
+    )
+    run.add_argument("target", metavar="IMPORT_PATH|CONFIG.yaml")
+    run.add_argument(
+        "app_args", nargs="*", metavar="KEY=VALUE", help="arguments for a builder function"
+    )
+    run.add_argument("--name", help="the application's name (default: default)")
+    run.add_argument("--route-prefix", metavar="P", help="the application's route (default: /)")
+    run.add_argument("--host", metavar="H", help="where the HTTP proxy listens (default 127.0.0.1)")
+    run.add_argument(
+        "--port", metavar="N", type=int, help="the HTTP proxy's port (default 8000; 0: any free)"
+    )
+    run.add_argument(
+        "--working-dir",
+        metavar="D",
+        help="the folder the application is imported from (default: the current directory)",
+    )
+    run.add_argument(
+        "--reload",
+        action="store_true",
+        help="redeploy when a .py file under the working dir (or the config file) changes",
+    )
+    run.set_defaults(handler=_cmd_run, help_of=run)
+
+    build = commands.add_parser(
+        "build",
+        help="write a config file for applications",
+        description=(
+            "Import each application and write a config file in Ray Serve's schema: "
+            "applications app1, app2, ... with the options their code sets, ready to edit "
+            "and to serve with `trioserve run CONFIG.yaml`."
+        ),
+    )
+    build.add_argument("import_paths", nargs="+", metavar="IMPORT_PATH")
+    build.add_argument(
+        "-o", "--output", metavar="FILE", help="write to FILE instead of standard output"
+    )
+    build.set_defaults(handler=_cmd_build, help_of=build)
+
+
 # ------------------------------------------------------------------------ parser
 
 
@@ -457,9 +591,13 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "trioserve serves Python classes as scalable HTTP services, Ray Serve's "
             "programming model without a cluster. Every controller decision is an event "
-            "in an append-only log; these commands read it."
+            "in an append-only log."
         ),
-        epilog="Exit codes: 0 done, 1 the log is damaged, 2 usage error or no event log.",
+        epilog=(
+            "Exit codes: 0 done; 1 a failure (a deployment failed, the daemon is not running "
+            "or refused, the log is damaged); 2 a usage error, a bad config file or import "
+            "path, or no event log."
+        ),
     )
     parser.set_defaults(handler=None, help_of=parser)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -572,6 +710,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", metavar="FILE", help="write to FILE instead of standard output"
     )
     export.set_defaults(handler=_cmd_export)
+    _add_run_build_commands(commands)
+
+    from trioserve._daemon_commands import add_commands
+
+    add_commands(commands)
     return parser
 
 

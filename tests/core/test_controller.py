@@ -410,3 +410,35 @@ async def test_replicas_die_with_an_embedded_controller_and_outlive_a_daemon(
         with anyio.fail_after(DEADLINE_S):
             while any(pid_alive(p) for p in replicas):
                 await anyio.sleep(0.05)
+
+
+async def test_deploy_config_makes_the_apps_those_of_the_file(cluster: Cluster) -> None:
+    echo = (await cluster.spec()).to_dict()
+    file = {"applications": [{"name": "a"}, {"name": "b"}]}
+    apps = [
+        {"name": "a", "route_prefix": "/a", "ingress": "Echo", "deployments": [echo]},
+        {"name": "b", "route_prefix": "/b", "ingress": "Echo", "deployments": [echo]},
+    ]
+    outcome = await cluster.controller.deploy_config(file, apps)
+    assert outcome == {"deployed": ["a", "b"], "unchanged": [], "deleted": []}
+    await cluster.wait(lambda s: running_count(1, "a")(s) and running_count(1, "b")(s))
+    assert cluster.state.deployed_config == file
+
+    # The same file again records nothing at all.
+    seq = cluster.controller.journal.seq
+    again = await cluster.controller.deploy_config(file, apps)
+    assert again == {"deployed": [], "unchanged": ["a", "b"], "deleted": []}
+    assert cluster.controller.journal.seq == seq
+
+    # Two applications on one route prefix: refused, and nothing is recorded.
+    clash = [apps[0], {**apps[1], "route_prefix": "/a"}]
+    with pytest.raises(ValueError, match="Prefix /a is being used"):
+        await cluster.controller.deploy_config({"applications": []}, clash)
+    assert cluster.controller.journal.seq == seq
+
+    # A file without b deletes b and leaves a's replica alone.
+    (kept,) = cluster.running("a")
+    outcome = await cluster.controller.deploy_config({"applications": [{"name": "a"}]}, apps[:1])
+    assert outcome == {"deployed": [], "unchanged": ["a"], "deleted": ["b"]}
+    await cluster.wait(lambda s: "b" not in s.apps)
+    assert [r.pid for r in cluster.running("a")] == [kept.pid]

@@ -120,6 +120,11 @@ SAMPLES: list[Event] = [
     ev.HealthCheckPassed(at=21.0, replica="shop#Cart#1"),
     ev.ProxyStarted(at=21.5, pid=4300, url="http://127.0.0.1:8000", event_loop="asyncio"),
     ev.ProxyExited(at=21.7, pid=4300, exit_code=-9, reason="killed by SIGKILL"),
+    ev.ConfigDeployed(
+        at=95.0,
+        config={"applications": [{"name": "shop", "import_path": "shop.app:app", "args": {}}]},
+    ),
+    ev.ReplicaAdopted(at=96.0, replica="shop#Pricing#4", pid=4411),
     ev.ReplicaStarting(
         at=1.5,
         replica="shop#Pricing#4",
@@ -465,10 +470,13 @@ def test_every_kind_belongs_to_one_family() -> None:
         "AppDeployed",
         "AppDeleted",
         "DeploymentScaled",
+        "ConfigDeployed",
     }
     assert {k for k, f in families.items() if f == "decision"} == DECISION_KINDS
     assert {k for k, f in families.items() if f == "observation"} == (
-        BUILT_IN_KINDS - DECISION_KINDS - {"AppDeployed", "AppDeleted", "DeploymentScaled"}
+        BUILT_IN_KINDS
+        - DECISION_KINDS
+        - {"AppDeployed", "AppDeleted", "DeploymentScaled", "ConfigDeployed"}
     )
 
 

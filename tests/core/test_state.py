@@ -63,6 +63,7 @@ def replica_event(kind: str, at: float = 1.0) -> Event:
         "ReplicaDraining": ev.ReplicaDraining(at=at, replica=R, reason="scale down"),
         "ReplicaStopping": ev.ReplicaStopping(at=at, replica=R, reason="scale down"),
         "ReplicaKilled": ev.ReplicaKilled(at=at, replica=R, reason="timeout"),
+        "ReplicaAdopted": ev.ReplicaAdopted(at=at, replica=R, pid=4242),
     }[kind]
 
 
@@ -101,6 +102,28 @@ def test_transition_table_is_the_only_way_a_replica_changes(
         assert R in message and kind in message
         assert (before.value if before else "does not exist") in message
         assert state == snapshot  # nothing changed
+
+
+def test_an_adopted_replica_keeps_its_state_and_since_and_takes_the_new_pid() -> None:
+    state = state_in(S.RUNNING)
+    before = state.replicas[R]
+    since, reason = before.since, before.reason
+    apply(state, ev.ReplicaAdopted(at=9.0, replica=R, pid=4242))
+    replica = state.replicas[R]
+    assert (replica.state, replica.since, replica.reason, replica.pid) == (
+        S.RUNNING,
+        since,
+        reason,
+        4242,
+    )
+
+
+def test_the_deployed_config_survives_a_snapshot() -> None:
+    state = base_state()
+    config = {"applications": [{"name": "app", "import_path": "m:app", "args": {"k": 1}}]}
+    apply(state, ev.ConfigDeployed(at=1.0, config=config))
+    assert state.deployed_config == config
+    assert state_from_bytes(state_to_bytes(state)).deployed_config == config
 
 
 def test_state_records_when_and_why_a_replica_changed_state() -> None:

@@ -53,8 +53,15 @@ from trioserve.core.autoscaling import LoadSample
 from trioserve.core.config import HTTPOptions
 from trioserve.core.events import DeploymentSpec, Event
 from trioserve.core.journal import DEFAULT_SNAPSHOT_EVERY, Journal
-from trioserve.core.launcher import LaunchedProcess, Launcher, describe_exit
+from trioserve.core.launcher import (
+    AdoptedProcess,
+    FoundProcess,
+    LaunchedProcess,
+    Launcher,
+    describe_exit,
+)
 from trioserve.core.state import (
+    Application,
     AppStatus,
     ClusterState,
     IllegalTransition,
@@ -83,6 +90,7 @@ REPORT_STALE_S = 5.0
 """A replica's load report older than this no longer counts."""
 
 LOST_REASON = "lost: the controller restarted and the process was not found"
+GONE_WHILE_AWAY_REASON = "its process ended while the controller was down"
 VERSION_SHIFT = 32
 """Published versions are ``seq << VERSION_SHIFT`` (+ changes outside the log)."""
 
@@ -111,6 +119,7 @@ class Controller:
         clock: Callable[[], float] = time.time,
         resources: Mapping[str, float] | None = None,
         http_options: HTTPOptions | None = None,
+        adopt: bool = False,
     ) -> None:
         self.log = log
         self.launcher = launcher
@@ -125,7 +134,10 @@ class Controller:
             None if resources is None else {str(k): float(v) for k, v in resources.items()}
         )
         self.http_options = http_options if http_options and http_options.enabled else None
+        self.adopt = adopt
         self.address = ""
+        self._adopted_proxy: AdoptedProcess | None = None
+        self._adopted_proxy_url = ""
         self._proxy_proc: LaunchedProcess | None = None
         self._proxy_start_error = ""
         self._proxy_start_failed = False
@@ -170,6 +182,7 @@ class Controller:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 self.address = await tg.start(self.server.serve, self.listen_address)
+                prior_proxy_url = self.state.proxy_url
                 await self._record(
                     [
                         ev.ControllerStarted(
@@ -183,7 +196,10 @@ class Controller:
                     ],
                     durable=True,
                 )
-                await self._forget_lost_replicas()
+                if self.adopt:
+                    await self._adopt_processes(prior_proxy_url)
+                else:
+                    await self._forget_lost_replicas()
                 tg.start_soon(self._control_loop)
                 if self.http_options is not None:
                     tg.start_soon(self._proxy_loop, self.http_options)
@@ -267,6 +283,72 @@ class Controller:
 
         await self._record(lost)
 
+    async def _adopt_processes(self, prior_proxy_url: str) -> None:
+        """Take over the replicas and the proxy an earlier controller left running.
+
+        A replica of the log whose process still runs is adopted
+        (``ReplicaAdopted``) and carries on in its state; one whose process
+        is gone died while the controller was away (``ReplicaDied``), so the
+        reconciler replaces it. Processes of this instance the log does not
+        know are stopped. The proxy is adopted when it serves with the options
+        this controller was given, and replaced otherwise.
+        """
+        found = await anyio.to_thread.run_sync(self.launcher.find_processes)
+        replicas: dict[str, FoundProcess] = {}
+        proxies: list[FoundProcess] = []
+        for process in found:
+            replica = process.option("--replica")
+            if process.kind == "replica" and replica is not None:
+                replicas[replica] = process
+            elif process.kind == "proxy":
+                proxies.append(process)
+        adopted: dict[str, AdoptedProcess] = {}
+
+        def take_over(state: ClusterState) -> list[Event]:
+            now = self.clock()
+            out: list[Event] = []
+            for r in list(state.replicas.values()):
+                process = replicas.pop(r.id, None)
+                if process is None:
+                    out += _gone(r, now, None, GONE_WHILE_AWAY_REASON)
+                else:
+                    adopted[r.id] = AdoptedProcess(process)
+                    out.append(ev.ReplicaAdopted(at=now, replica=r.id, pid=process.pid))
+            return out
+
+        await self._record(take_over)
+        for replica, process in replicas.items():
+            log.warning(
+                "replica %s: process %d is not in the log; stopping it", replica, process.pid
+            )
+            AdoptedProcess(process).terminate()
+        for replica, proc in adopted.items():
+            r = self.state.replicas.get(replica)
+            if r is None:
+                continue
+            log.info("replica %s: adopted process %d (%s)", replica, proc.pid, r.state.value)
+            self._procs[replica] = proc
+            self._spawn(self._watch, replica, proc)
+            if r.state is S.RUNNING and r.address is not None:
+                self._spawn(self._health_loop, replica, r.address)
+            elif r.state is S.DRAINING:
+                self._spawn(self._drain, replica)
+            elif r.state is S.STOPPING:
+                proc.terminate()
+        wanted = None if self.http_options is None else self.http_options.to_dict()
+        for process in proxies:
+            if (
+                self._adopted_proxy is None
+                and wanted is not None
+                and _json_option(process, "--options") == wanted
+            ):
+                self._adopted_proxy = AdoptedProcess(process)
+                self._adopted_proxy_url = prior_proxy_url
+                log.info("proxy: adopted process %d", process.pid)
+            else:
+                log.warning("proxy: process %d serves other options; stopping it", process.pid)
+                AdoptedProcess(process).terminate()
+
     # ------------------------------------------------------------------ effectors
 
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -325,15 +407,19 @@ class Controller:
         r = self.state.replicas.get(replica)
         if r is None or r.state is not S.STARTING:
             return
-        loop = self.state.deployment_of(r).spec.config.event_loop
+        config = self.state.deployment_of(r).spec.config
+        loop = config.event_loop
+        options: dict[str, Any] = {}
+        if r.demand.get("GPU", 0.0) > 0:
+            options["gpu_ids"] = r.gpu_ids
+        runtime_env = (config.ray_actor_options or {}).get("runtime_env")
+        if runtime_env:
+            options["runtime_env"] = runtime_env
         self._launching.add(replica)
         try:
-            if r.demand.get("GPU", 0.0) > 0:
-                proc = await self.launcher.start_replica(
-                    replica, self.address, event_loop=loop, gpu_ids=r.gpu_ids
-                )
-            else:
-                proc = await self.launcher.start_replica(replica, self.address, event_loop=loop)
+            proc = await self.launcher.start_replica(
+                replica, self.address, event_loop=loop, **options
+            )
         except Exception as exc:
             error = f"could not start the replica process: {exc}"
             log.error("replica %s: %s", replica, error)
@@ -457,7 +543,23 @@ class Controller:
             started = anyio.current_time()
             pid: int | None = None
             try:
-                proc = await self.launcher.start_proxy(self.address, options.to_dict())
+                proc: LaunchedProcess
+                if self._adopted_proxy is not None:
+                    proc, self._adopted_proxy = self._adopted_proxy, None
+                    if self._adopted_proxy_url:
+                        # It reported ready to the earlier controller already.
+                        await self._record(
+                            [
+                                ev.ProxyStarted(
+                                    at=self.clock(),
+                                    pid=proc.pid,
+                                    url=self._adopted_proxy_url,
+                                    event_loop=options.event_loop,
+                                )
+                            ]
+                        )
+                else:
+                    proc = await self.launcher.start_proxy(self.address, options.to_dict())
             except Exception as exc:
                 code: int | None = None
                 reason = f"could not start the proxy process: {exc}"
@@ -687,6 +789,70 @@ class Controller:
         )
         await self._record([event], durable=True)
         return self.journal.seq
+
+    async def deploy_config(
+        self, config: Mapping[str, Any], apps: Sequence[Mapping[str, Any]]
+    ) -> dict[str, list[str]]:
+        """Make the applications those of a config file, as ``trioserve deploy`` does.
+
+        ``apps`` are the file's applications, built: ``name``,
+        ``route_prefix``, ``ingress`` and ``deployments`` (spec dicts). An
+        application whose deployments, route prefix and ingress are those it
+        runs already is left alone; applications the file does not name are
+        deleted; ``config`` (the file, as given) is recorded for
+        ``trioserve config``. Everything is recorded at once, or nothing when
+        it is invalid (two applications with one route prefix). Returns the
+        names ``deployed``, ``unchanged`` and ``deleted``.
+        """
+        wanted: dict[str, tuple[str | None, str, tuple[DeploymentSpec, ...]]] = {}
+        for app in apps:
+            name = str(app["name"])
+            specs = tuple(
+                d if isinstance(d, DeploymentSpec) else DeploymentSpec.from_dict(d)
+                for d in app["deployments"]
+            )
+            if not specs:
+                raise ValueError(f"application {name!r} has no deployments")
+            if name in wanted:
+                raise ValueError(f"application {name!r} appears twice")
+            prefix = app.get("route_prefix", "/")
+            ingress = str(app.get("ingress") or specs[-1].name)
+            wanted[name] = (None if prefix is None else str(prefix), ingress, specs)
+        prefixes: dict[str, str] = {}
+        for name, (prefix, _, _) in wanted.items():
+            if prefix is not None and prefix in prefixes:
+                raise ValueError(
+                    f'Prefix {prefix} is being used by application "{prefixes[prefix]}". '
+                    f'Failed to deploy application "{name}".'
+                )
+            if prefix is not None:
+                prefixes[prefix] = name
+        outcome: dict[str, list[str]] = {"deployed": [], "unchanged": [], "deleted": []}
+
+        def make(state: ClusterState) -> list[Event]:
+            now = self.clock()
+            out: list[Event] = []
+            for name, running in state.apps.items():
+                if name not in wanted and not running.deleting:
+                    out.append(ev.AppDeleted(at=now, app=name))
+                    outcome["deleted"].append(name)
+            for name, (prefix, ingress, specs) in wanted.items():
+                current = state.apps.get(name)
+                if current is not None and _runs(current, prefix, ingress, specs):
+                    outcome["unchanged"].append(name)
+                    continue
+                out.append(
+                    ev.AppDeployed(
+                        at=now, app=name, route_prefix=prefix, ingress=ingress, deployments=specs
+                    )
+                )
+                outcome["deployed"].append(name)
+            if out or state.deployed_config != dict(config):
+                out.append(ev.ConfigDeployed(at=now, config=dict(config)))
+            return out
+
+        await self._record(make, durable=True)
+        return outcome
 
     async def delete(self, app: str) -> bool:
         """Record the intent to delete ``app``; False if there is no such app."""
@@ -926,6 +1092,27 @@ def proxy_status(state: ClusterState, routes_current: bool = True) -> dict[str, 
     if state.proxy_error:
         return {"status": "UNHEALTHY", "url": "", "pid": None, "message": state.proxy_error}
     return {"status": "STARTING", "url": "", "pid": None, "message": ""}
+
+
+def _runs(
+    app: Application, prefix: str | None, ingress: str, specs: tuple[DeploymentSpec, ...]
+) -> bool:
+    """Whether ``app`` runs these deployments at this route prefix already."""
+    if app.deleting or app.route_prefix != prefix or app.ingress != ingress:
+        return False
+    current = {name: d.spec for name, d in app.deployments.items() if d.wanted}
+    return current == {spec.name: spec for spec in specs}
+
+
+def _json_option(process: FoundProcess, name: str) -> Any:
+    """The JSON value of a command-line option of ``process`` (None if absent or bad)."""
+    import json
+
+    raw = process.option(name)
+    try:
+        return None if raw is None else json.loads(raw)
+    except ValueError:
+        return None
 
 
 def _terminate_stray(pid: int | None, replica: str) -> None:

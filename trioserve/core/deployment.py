@@ -38,6 +38,7 @@ from typing import Any
 
 from trioserve.core.config import AutoscalingConfig, ConfigError, DeploymentConfig
 from trioserve.core.events import DeploymentSpec
+from trioserve.core.runtime_env import validate_runtime_env
 from trioserve.exceptions import warn_deprecated
 
 __all__ = [
@@ -148,6 +149,11 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
                 f"Unknown ray_actor_options {', '.join(map(repr, unknown))}; valid options "
                 f"are {', '.join(RAY_ACTOR_OPTIONS)}."
             )
+        if actor.get("runtime_env") is not None:
+            # Checked now (a remote URI or a missing folder fails at declaration),
+            # and the working dir made absolute for a controller elsewhere.
+            env = validate_runtime_env(actor["runtime_env"])
+            out["ray_actor_options"] = {**actor, "runtime_env": env}
     logging_config = out.get("logging_config")
     if logging_config is not None:
         if hasattr(logging_config, "dict") and not isinstance(logging_config, Mapping):

@@ -197,6 +197,21 @@ class AppDeleted(Event):
 
 
 @dataclasses.dataclass(frozen=True)
+class ConfigDeployed(Event):
+    """Intent: a config file was deployed (``trioserve deploy``), as given.
+
+    The applications it names are recorded as ``AppDeployed`` events before
+    it, and those it left out as ``AppDeleted``; this event keeps the file
+    itself, for ``trioserve config``.
+    """
+
+    KIND: ClassVar[str] = "ConfigDeployed"
+    FAMILY: ClassVar[str] = "intent"
+
+    config: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
 class DeploymentScaled(Event):
     """Intent: run this many replicas of a deployment (overrides its target)."""
 
@@ -291,6 +306,18 @@ class ReplicaExited(Event):
 
     replica: str
     exit_code: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaAdopted(Event):
+    """Observation: a restarted controller found the replica's process ``pid`` alive
+    and took it over, without restarting it (daemon mode)."""
+
+    KIND: ClassVar[str] = "ReplicaAdopted"
+    FAMILY: ClassVar[str] = "observation"
+
+    replica: str
+    pid: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -542,6 +569,8 @@ for _cls in (
     AppRemoved,
     ProxyStarted,
     ProxyExited,
+    ConfigDeployed,
+    ReplicaAdopted,
 ):
     register(_cls)
 

@@ -31,6 +31,7 @@ machine has, for ``ControllerStarted``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import shutil
@@ -39,12 +40,19 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
+import anyio.to_thread
+
+from trioserve.core import runtime_env as runtime_env_mod
 
 __all__ = [
+    "ADOPTED_POLL_S",
+    "AdoptedProcess",
+    "FoundProcess",
+    "find_instance_processes",
     "GPU_DETECT_TIMEOUT_S",
     "LIFELINE_GRACE_S",
     "asyncio_backend_options",
@@ -89,15 +97,21 @@ class Launcher(Protocol):
         *,
         event_loop: str = "asyncio",
         gpu_ids: Sequence[int] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
     ) -> LaunchedProcess:
         """Start the replica ``replica``, told to call the controller at ``controller``.
 
         ``gpu_ids`` are the GPUs it was placed on: it sees only those. ``None``
         or ``()`` (it asked for none) leaves its environment as it is.
+        ``runtime_env`` is the deployment's (``ray_actor_options``), prepared
+        before the process starts; the controller passes it only when set.
         """
 
     async def start_proxy(self, controller: str, options: Mapping[str, object]) -> LaunchedProcess:
         """Start the HTTP proxy with ``options`` (``HTTPOptions.to_dict()``)."""
+
+    def find_processes(self) -> list[FoundProcess]:
+        """The processes of this instance still running from an earlier controller."""
 
     def close(self) -> None:
         """Release the launcher; in embedded mode its children stop."""
@@ -138,6 +152,109 @@ class _Child:
             self._process.kill()
 
 
+ADOPTED_POLL_S = 0.2
+"""How often an adopted process (not a child of this one) is checked for its exit."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundProcess:
+    """A process of this instance that an earlier controller started (daemon mode)."""
+
+    pid: int
+    kind: str
+    """``"replica"`` or ``"proxy"``."""
+    argv: tuple[str, ...]
+    started: int
+    """Its start time in clock ticks since boot (``/proc/<pid>/stat``), so that a pid
+    reused by another process later is told apart."""
+
+    def option(self, name: str) -> str | None:
+        """The value of the command-line option ``name`` (``--replica``), if given."""
+        argv = list(self.argv)
+        if name in argv[:-1]:
+            return argv[argv.index(name) + 1]
+        return None
+
+
+def find_instance_processes(secret_file: str | os.PathLike[str]) -> list[FoundProcess]:
+    """The replica and proxy processes on this machine started with ``secret_file``.
+
+    Only the instance's own processes carry its secret file's path on their
+    command line, so this finds what a controller of the same instance started,
+    and nothing of another instance.
+    """
+    wanted = str(secret_file)
+    found: list[FoundProcess] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = tuple(part.decode() for part in f.read().split(b"\0") if part)
+            started = _start_ticks(int(entry))
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        if started is None or "--secret-file" not in argv or wanted not in argv:
+            continue
+        kind = next(
+            (k for k in ("replica", "proxy") if f"trioserve.{k}" in argv),
+            None,
+        )
+        if kind is not None:
+            found.append(FoundProcess(int(entry), kind, argv, started))
+    return found
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The start time of ``pid`` in clock ticks since boot; None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+class AdoptedProcess:
+    """A process an earlier controller started, taken over by this one.
+
+    It is not this process's child, so its exit code is unknown (``wait``
+    returns None) and its exit is noticed by polling every
+    :data:`ADOPTED_POLL_S`. Signals are sent only while the pid still belongs
+    to the process that was adopted.
+    """
+
+    def __init__(self, found: FoundProcess) -> None:
+        self.found = found
+
+    @property
+    def pid(self) -> int:
+        return self.found.pid
+
+    def alive(self) -> bool:
+        """Whether the adopted process still runs."""
+        return _start_ticks(self.found.pid) == self.found.started
+
+    async def wait(self) -> int | None:
+        while self.alive():
+            await anyio.sleep(ADOPTED_POLL_S)
+        return None
+
+    def _signal(self, signum: int) -> None:
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.found.pid, signum)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+
 def _file_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -176,11 +293,17 @@ class LocalProcessLauncher:
         return self.log_dir / f"{_file_name(name)}.log"
 
     async def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
     ) -> LaunchedProcess:
         """Start ``argv`` as the process ``name``, output appended to its log file.
 
-        ``env`` holds variables set for this process on top of the launcher's.
+        ``env`` holds variables set for this process on top of the launcher's;
+        ``cwd`` is its current directory (default: the launcher's).
         """
         if self.embedded and self._lifeline is None:
             raise RuntimeError("the launcher is closed")
@@ -198,6 +321,7 @@ class LocalProcessLauncher:
                 env=self.env if not env else {**self.env, **env},
                 start_new_session=True,
                 pass_fds=pass_fds,
+                cwd=cwd,
             )
         return _Child(process)
 
@@ -223,12 +347,35 @@ class LocalProcessLauncher:
         *,
         event_loop: str = "asyncio",
         gpu_ids: Sequence[int] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
     ) -> LaunchedProcess:
-        """Start the replica process; with ``gpu_ids`` it sees only those GPUs."""
+        """Start the replica process; with ``gpu_ids`` it sees only those GPUs.
+
+        ``runtime_env`` (see :mod:`trioserve.core.runtime_env`) is prepared
+        first, in a worker thread, its output in the replica's log file: a
+        pip environment's interpreter runs the replica, the working dir is its
+        current directory and first ``sys.path`` entry, ``env_vars`` are set.
+        A runtime env that cannot be prepared raises ``RuntimeEnvError``.
+        """
+        name = f"replica-{replica}"
+        env = self.gpu_env(gpu_ids)
+        python = self.python
+        cwd = None
+        if runtime_env:
+            prepared = await self._prepare_runtime_env(name, runtime_env)
+            user = dict(prepared.env_vars)
+            pythonpath = runtime_env_mod.child_pythonpath(
+                self.env.get("PYTHONPATH"), prepared, user.pop("PYTHONPATH", None)
+            )
+            env = {**user, **env}
+            if pythonpath is not None:
+                env["PYTHONPATH"] = pythonpath
+            python = prepared.python or python
+            cwd = prepared.working_dir
         return await self.start(
-            f"replica-{replica}",
+            name,
             [
-                self.python,
+                python,
                 "-m",
                 "trioserve.replica",
                 "--controller",
@@ -240,8 +387,23 @@ class LocalProcessLauncher:
                 "--loop",
                 event_loop,
             ],
-            env=self.gpu_env(gpu_ids),
+            env=env,
+            cwd=cwd,
         )
+
+    async def _prepare_runtime_env(
+        self, name: str, runtime_env: Mapping[str, Any]
+    ) -> runtime_env_mod.PreparedEnv:
+        def prepare() -> runtime_env_mod.PreparedEnv:
+            with open(self.log_file(name), "a") as log:
+                try:
+                    return runtime_env_mod.prepare(runtime_env, python=self.python, log=log)
+                except runtime_env_mod.RuntimeEnvError as exc:
+                    first = str(exc).splitlines()[0] if str(exc) else "failed"
+                    log.write(f"ERROR runtime_env -- {first} (the replica does not start)\n")
+                    raise
+
+        return await anyio.to_thread.run_sync(prepare)
 
     async def start_proxy(self, controller: str, options: Mapping[str, object]) -> LaunchedProcess:
         """Start the HTTP proxy process with ``options`` (an ``HTTPOptions`` dict)."""
@@ -261,6 +423,10 @@ class LocalProcessLauncher:
                 json.dumps(dict(options)),
             ],
         )
+
+    def find_processes(self) -> list[FoundProcess]:
+        """The replica and proxy processes started with this launcher's secret file."""
+        return find_instance_processes(self.secret_file)
 
     def close(self) -> None:
         """Close the lifeline: in embedded mode, every child stops itself."""

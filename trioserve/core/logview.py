@@ -42,6 +42,11 @@ def describe(event: Event) -> str:
         return f"exit code {event.exit_code}"
     if isinstance(event, ev.ProxyStarted):
         return f"serving {event.url}, pid {event.pid}, {event.event_loop} loop"
+    if isinstance(event, ev.ReplicaAdopted):
+        return f"pid {event.pid}, kept running across a controller restart"
+    if isinstance(event, ev.ConfigDeployed):
+        names = [str(a.get("name", "default")) for a in event.config.get("applications", [])]
+        return f"applications {', '.join(names) or '(none)'}"
     if isinstance(event, ev.ProxyExited):
         return f"pid {event.pid}, exit code {event.exit_code}: {event.reason}"
     if isinstance(event, ev.HealthCheckFailed):

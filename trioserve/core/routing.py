@@ -590,6 +590,10 @@ class Routers:
     def _wake_reporter(self) -> None:
         self._report_now.set()
 
+    def all(self) -> list[Router]:
+        """The routers made so far (the proxy's metrics read their queues and replicas)."""
+        return list(self._routers.values())
+
     def get(self, app: str, deployment: str) -> Router:
         """The router of ``deployment`` in ``app``, subscribed to its replica set."""
         key = (app, deployment)

@@ -13,6 +13,7 @@ RUNNING  --ReplicaDraining (scale-down/update/unhealthy)-> DRAINING
 RUNNING  --ReplicaDied-----------------------------------> STOPPING
 DRAINING --ReplicaDrained | ReplicaStopping | Died-------> STOPPING
 STOPPING --ReplicaExited---------------------------------> (gone)
+any      --ReplicaAdopted (a restarted controller kept it)-> the same state
 ```
 
 For speed, :func:`apply` updates the state it is given in place and returns
@@ -110,6 +111,10 @@ TRANSITIONS: dict[tuple[ReplicaState | None, str], ReplicaState | None] = {
     (S.DRAINING, "ReplicaDied"): S.STOPPING,
     (S.STOPPING, "ReplicaKilled"): S.STOPPING,
     (S.STOPPING, "ReplicaExited"): GONE,
+    (S.STARTING, "ReplicaAdopted"): S.STARTING,
+    (S.RUNNING, "ReplicaAdopted"): S.RUNNING,
+    (S.DRAINING, "ReplicaAdopted"): S.DRAINING,
+    (S.STOPPING, "ReplicaAdopted"): S.STOPPING,
 }
 """The replica lifecycle: (state before, event kind) -> state after (``None``: gone)."""
 
@@ -226,6 +231,8 @@ class ClusterState:
     proxy_error: str = ""
     """Why the last proxy process exited or could not start (``ProxyExited``)."""
     proxy_starts: int = 0
+    deployed_config: dict[str, Any] | None = None
+    """The config file deployed last (``ConfigDeployed``), for ``trioserve config``."""
     applied: int = 0
     """How many events were applied."""
 
@@ -409,6 +416,16 @@ def _on_controller_started(state: ClusterState, event: Event) -> None:
     )
     state.proxy_pid = None  # a proxy of an earlier controller is gone with it
     state.proxy_url = ""
+
+
+def _on_config_deployed(state: ClusterState, event: Event) -> None:
+    assert isinstance(event, ev.ConfigDeployed)
+    state.deployed_config = dict(event.config)
+
+
+def _on_replica_adopted(state: ClusterState, event: Event) -> None:
+    assert isinstance(event, ev.ReplicaAdopted)
+    state.replicas[event.replica].pid = event.pid
 
 
 def _on_proxy_started(state: ClusterState, event: Event) -> None:
@@ -613,6 +630,8 @@ _HANDLERS: dict[str, Callable[[ClusterState, Event], None]] = {
     "AppRemoved": _on_app_removed,
     "ProxyStarted": _on_proxy_started,
     "ProxyExited": _on_proxy_exited,
+    "ConfigDeployed": _on_config_deployed,
+    "ReplicaAdopted": _on_replica_adopted,
 }
 
 

@@ -6,7 +6,9 @@ publishes (``{route_prefix: {"app", "ingress"}}``) and, per request:
 
 1. answers the proxy's own paths: ``/-/routes`` (JSON ``{prefix: app}``) and
    ``/-/healthz`` (``success``), both 503 until some application is exposed
-   or while the proxy drains, as Ray Serve's proxy answers;
+   or while the proxy drains, as Ray Serve's proxy answers; and
+   ``/-/metrics``, the Prometheus metrics of the proxy and of every replica
+   (see :mod:`trioserve.proxy.metrics`);
 2. picks the application by the longest ``route_prefix`` that matches the
    path (exactly, or followed by ``/``), else answers 404 naming
    ``/-/routes``;
@@ -36,13 +38,16 @@ from typing import Any
 
 import anyio
 
+from trioserve.core import logs
 from trioserve.core.config import HTTPOptions
+from trioserve.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioserve.core.routing import Router
 from trioserve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
     ReplicaDiedError,
 )
+from trioserve.proxy.metrics import ProxyMetrics
 
 __all__ = ["ProxyApp", "match_route"]
 
@@ -100,9 +105,15 @@ class _TooLarge(Exception):
 class ProxyApp:
     """The ASGI app; ``router_for(app, deployment)`` gives the router of a deployment."""
 
-    def __init__(self, router_for: Callable[[str, str], Router], options: HTTPOptions) -> None:
+    def __init__(
+        self,
+        router_for: Callable[[str, str], Router],
+        options: HTTPOptions,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
         self.router_for = router_for
         self.options = options
+        self.metrics = metrics or ProxyMetrics()
         self.routes: dict[str, Mapping[str, str]] = {}
         self.routes_known = False
         self.draining = False
@@ -134,9 +145,17 @@ class ProxyApp:
                 table = {prefix: r["app"] for prefix, r in sorted(self.routes.items())}
                 await _respond(send, 200, json.dumps(table).encode(), "application/json")
             return
+        if kind == "http" and path == "/-/metrics":
+            scoped = b"scope=proxy" in bytes(scope.get("query_string") or b"")
+            body = self.metrics.own() if scoped else await self.metrics.scrape()
+            await _respond(send, 200, body, METRICS_CONTENT_TYPE)
+            return
         request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        method = scope.get("method", "WEBSOCKET")
+        started = time.monotonic()
         if not self.routes_known:
             await self._refuse(scope, send, 503, "Route table is not populated yet.", request_id)
+            self.metrics.observe("", "", "", method, 503, time.monotonic() - started)
             return
         prefix = match_route(self.routes, path)
         if prefix is None:
@@ -147,20 +166,39 @@ class ProxyApp:
                 f"Path '{path}' not found. Ping http://.../-/routes for available routes.",
                 request_id,
             )
+            self.metrics.observe("", "", "", method, 404, time.monotonic() - started)
             return
         route = self.routes[prefix]
-        started = time.monotonic()
-        status = await self._forward(scope, receive, send, prefix, route, request_id)
-        log.info(
-            "%s %s %s -> %s/%s %s %.1fms",
-            request_id,
-            scope.get("method", "WEBSOCKET"),
-            path,
-            route["app"],
-            route["ingress"],
-            status,
-            (time.monotonic() - started) * 1000,
-        )
+        status: int | str = 500  # if the response fails after it started
+        self.metrics.ongoing += 1
+        try:
+            status = await self._forward(scope, receive, send, prefix, route, request_id)
+        finally:
+            self.metrics.ongoing -= 1
+            self.metrics.observe(
+                prefix, route["app"], route["ingress"], method, status, time.monotonic() - started
+            )
+        if logs.access_log_enabled():
+            latency_ms = (time.monotonic() - started) * 1000
+            log.info(
+                "%s %s %s -> %s/%s %s %.1fms",
+                request_id,
+                method,
+                path,
+                route["app"],
+                route["ingress"],
+                status,
+                latency_ms,
+                extra={
+                    "request_id": request_id,
+                    "application": route["app"],
+                    "deployment": route["ingress"],
+                    "route": prefix,
+                    "method": method,
+                    "status": status,
+                    "latency_ms": round(latency_ms, 3),
+                },
+            )
 
     async def _forward(
         self,

@@ -33,15 +33,21 @@ from typing import Any
 
 import anyio
 
-from trioserve.core import rpc
+from trioserve.core import logs, rpc
 from trioserve.core.config import HTTPOptions
 from trioserve.core.launcher import asyncio_backend_options, watch_lifeline
 from trioserve.core.routing import InstanceAddress, Routers, set_current_instance
 from trioserve.proxy.app import ProxyApp
+from trioserve.proxy.metrics import ProxyMetrics
 
-__all__ = ["GRACEFUL_TIMEOUT_S", "main"]
+__all__ = ["GRACEFUL_TIMEOUT_S", "LOGGING_CONFIG_ENV", "main"]
 
 log = logging.getLogger("trioserve.proxy")
+
+LOGGING_CONFIG_ENV = "TRIOSERVE_PROXY_LOGGING_CONFIG"
+"""The proxy's ``logging_config`` (Ray's fields, as JSON), from its environment:
+``HTTPOptions`` has no logging fields, so the proxy reads it from the variable
+of that name the controller's process was started with."""
 
 GRACEFUL_TIMEOUT_S = 20.0
 """How long requests in flight may take to finish once the proxy is told to stop."""
@@ -59,11 +65,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run the proxy until it is told to stop; exits the process."""
     args = _parse(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s proxy %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.setup("proxy", {}, file_name="proxy.log")
+    _apply_logging_config(os.environ.get(LOGGING_CONFIG_ENV))
     options = HTTPOptions.from_dict(json.loads(args.options))
     if args.lifeline_fd is not None:
         threading.Thread(
@@ -99,6 +102,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.shutdown()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _apply_logging_config(value: str | None) -> None:
+    """Apply the ``logging_config`` (JSON) of :data:`LOGGING_CONFIG_ENV`, if any."""
+    if not value:
+        return
+    try:
+        config = json.loads(value)
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        log.warning("ignoring %s: %s", LOGGING_CONFIG_ENV, exc)
+        return
+    logs.apply_logging_config(config)
 
 
 def _bind(options: HTTPOptions) -> socket.socket:
@@ -140,7 +157,7 @@ async def _run(controller: str, secret: bytes, options: HTTPOptions, sock: socke
     instance = InstanceAddress(controller, secret)
     set_current_instance(instance)
     routers = Routers(instance)
-    app = ProxyApp(routers.get, options)
+    app = ProxyApp(routers.get, options, ProxyMetrics(routers))
     seen = anyio.Event()
     stop = anyio.Event()
 

@@ -68,6 +68,7 @@ import sniffio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from trioserve.exceptions import RayServeException
+from trioserve.replica import metrics
 from trioserve.replica.host import RequestContext, _request
 
 __all__ = ["batch"]
@@ -365,11 +366,18 @@ class _BatchQueue:
             models = {r.model_id for r in live}
             model = models.pop() if len(models) == 1 else ""
             _request.set(RequestContext(multiplexed_model_id=model))
+            started = anyio.current_time()
             try:
                 await self._batcher.call(live)
             except Exception as exc:
                 for r in live:
                     r.fail(exc)
+            metrics.batch_run(
+                self._batcher.name,
+                len(live),
+                started - requests[0].arrived,
+                anyio.current_time() - started,
+            )
         finally:
             self._slots.release()
             error = RuntimeError(f"@serve.batch {self._batcher.name}: the batch was stopped")

@@ -27,6 +27,9 @@ Its :meth:`~ReplicaHost.rpc_methods` are what the replica's RPC server serves:
     first ``{"type": "trioserve.admitted"}``
 ``stats()``
     ``{"replica", "ongoing", "accepting", "processed"}``
+``metrics()``
+    the replica's Prometheus metrics, as exposition text (see
+    :mod:`trioserve.replica.metrics`)
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from trioserve.core import rpc
+from trioserve.core import logs, rpc
 from trioserve.core.config import DeploymentConfig
 from trioserve.exceptions import RayServeException, ReplicaRejected
+from trioserve.replica import metrics
 
 __all__ = [
     "ReplicaContext",
@@ -104,6 +108,7 @@ class RequestContext:
 
     request_id: str = ""
     multiplexed_model_id: str = ""
+    route: str = ""
 
 
 _NO_REQUEST = RequestContext()
@@ -111,6 +116,11 @@ _request: contextvars.ContextVar[RequestContext] = contextvars.ContextVar(
     "trioserve_request",
     default=_NO_REQUEST,
 )
+
+
+def current_request() -> RequestContext:
+    """The request being handled (its ``request_id`` is ``""`` outside one)."""
+    return _request.get()
 
 
 def get_multiplexed_model_id() -> str:
@@ -171,6 +181,8 @@ class ReplicaHost:
         self._lifespan: Any = None
         self.task_group: anyio.abc.TaskGroup | None = None
         """Where the ASGI apps of HTTP requests run (the replica process's task group)."""
+        metrics.set_identity(app, deployment, replica_id)
+        metrics.set_ongoing(lambda: self.ongoing)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -278,7 +290,7 @@ class ReplicaHost:
         return fn  # type: ignore[no-any-return]
 
     @contextlib.contextmanager
-    def _admit(self) -> Any:
+    def _admit(self, meta: Mapping[str, Any]) -> Any:
         if not self.accepting:
             raise ReplicaRejected(f"replica {self.replica_id} is draining")
         if self.ongoing >= self.config.max_ongoing_requests:
@@ -289,32 +301,99 @@ class ReplicaHost:
         self.ongoing += 1
         if self.ongoing == 1:
             self._idle = anyio.Event()
+        outcome = _Outcome()
+        started = time.monotonic()
         try:
-            yield
+            yield outcome
+        except Exception:
+            outcome.failed = True
+            raise
         finally:
             self.ongoing -= 1
             self.processed += 1
             if self.ongoing == 0:
                 self._idle.set()
+            metrics.request_done(
+                str(meta.get("route") or ""),
+                str(meta.get("method") or "__call__"),
+                outcome.failed,
+                time.monotonic() - started,
+            )
 
     # ------------------------------------------------------------------ RPC methods
 
     def rpc_methods(self) -> dict[str, Callable[..., Any]]:
         return {
-            "handle_request": self.handle_request,
-            "handle_request_streaming": self.handle_request_streaming,
+            "handle_request": self._logged_request,
+            "handle_request_streaming": self._logged_streaming,
             "handle_asgi": self.handle_asgi,
             "check_health": self.check_health,
             "reconfigure": self.reconfigure,
             "drain": self.drain,
             "stats": self.stats,
+            "metrics": self.metrics,
         }
+
+    async def _logged_request(
+        self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
+    ) -> Any:
+        """:meth:`handle_request` with its access line (``CALL method OK 1.0ms``)."""
+        if not logs.access_log_enabled():
+            return await self.handle_request(meta, args, kwargs)
+        started, outcome = time.monotonic(), "ERROR"
+        try:
+            result = await self.handle_request(meta, args, kwargs)
+            outcome = "OK"
+            return result
+        except ReplicaRejected:
+            outcome = ""  # not taken: the caller tries another replica
+            raise
+        except anyio.get_cancelled_exc_class():
+            outcome = "CANCELLED"
+            raise
+        finally:
+            self._access_line(meta, outcome, started)
+
+    async def _logged_streaming(
+        self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
+    ) -> AsyncIterator[Any]:
+        """:meth:`handle_request_streaming` with its access line."""
+        if not logs.access_log_enabled():
+            async for item in self.handle_request_streaming(meta, args, kwargs):
+                yield item
+            return
+        started, outcome = time.monotonic(), "ERROR"
+        try:
+            async for item in self.handle_request_streaming(meta, args, kwargs):
+                yield item
+            outcome = "OK"
+        except ReplicaRejected:
+            outcome = ""
+            raise
+        except (anyio.get_cancelled_exc_class(), GeneratorExit):
+            outcome = "CANCELLED"
+            raise
+        finally:
+            self._access_line(meta, outcome, started)
+
+    def _access_line(self, meta: Mapping[str, Any], outcome: str, started: float) -> None:
+        if not outcome:
+            return
+        logs.access(
+            log,
+            "CALL",
+            str(meta.get("method", "__call__")),
+            outcome,
+            (time.monotonic() - started) * 1000,
+            request_id=str(meta.get("request_id", "")),
+            route=str(meta.get("route") or ""),
+        )
 
     async def handle_request(
         self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
     ) -> Any:
         """Run one call of the user object; rejected when full or draining."""
-        with self._admit():
+        with self._admit(meta):
             fn = self._method(str(meta.get("method", "__call__")))
             _request.set(_request_context(meta))
             result = await self._invoke(fn, args, kwargs or {})
@@ -330,7 +409,7 @@ class ReplicaHost:
         self, meta: Mapping[str, Any], args: Any = (), kwargs: Any = None
     ) -> AsyncIterator[Any]:
         """Iterate over what a generator method yields, one chunk per item."""
-        with self._admit():
+        with self._admit(meta):
             fn = self._method(str(meta.get("method", "__call__")))
             _request.set(_request_context(meta))
             if inspect.isasyncgenfunction(fn):
@@ -365,7 +444,7 @@ class ReplicaHost:
         self, inbox: rpc.Inbox, meta: Mapping[str, Any], scope: Mapping[str, Any]
     ) -> AsyncIterator[Any]:
         """Run the deployment's ASGI app on one request from the proxy (see the module doc)."""
-        with self._admit():
+        with self._admit(meta) as outcome:
             _request.set(_request_context(meta))
             yield ADMITTED
             app = self.asgi_app
@@ -428,14 +507,17 @@ class ReplicaHost:
                 app_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await app_done.wait()
-                log.info(
-                    "%s %s %s %s %.1fms",
-                    meta.get("request_id", "-"),
-                    scope.get("method", "WEBSOCKET"),
-                    scope.get("path", ""),
-                    status or "cancelled",
-                    (time.monotonic() - started) * 1000,
-                )
+                outcome.failed = status >= 500
+                if logs.access_log_enabled():
+                    logs.access(
+                        log,
+                        str(scope.get("method", "WEBSOCKET")),
+                        str(scope.get("path", "")),
+                        status or "cancelled",
+                        (time.monotonic() - started) * 1000,
+                        request_id=str(meta.get("request_id", "")),
+                        route=str(meta.get("route") or ""),
+                    )
 
     async def check_health(self) -> dict[str, Any]:
         """Call the user's ``check_health``; an exception means unhealthy."""
@@ -453,6 +535,8 @@ class ReplicaHost:
             await self._call_user_reconfigure(new.user_config)
         self.config = new
         self._threads.total_tokens = new.max_ongoing_requests
+        if new.logging_config != old.logging_config:
+            logs.apply_logging_config(new.logging_config)
         log.info("reconfigured: %s", _changed(old, new))
 
     async def drain(self) -> dict[str, Any]:
@@ -504,6 +588,11 @@ class ReplicaHost:
         except Exception:
             log.exception("the deployment's __del__ raised")
 
+    async def metrics(self) -> str:
+        """This replica's metrics, in the Prometheus text format (see
+        :mod:`trioserve.replica.metrics`)."""
+        return metrics.exposition()
+
     def stats(self) -> dict[str, Any]:
         return {
             "replica": self.replica_id,
@@ -511,6 +600,15 @@ class ReplicaHost:
             "accepting": self.accepting,
             "processed": self.processed,
         }
+
+
+class _Outcome:
+    """Whether an admitted request failed (for the replica's metrics)."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
 
 
 ADMITTED = {"type": "trioserve.admitted"}
@@ -532,6 +630,7 @@ def _request_context(meta: Mapping[str, Any]) -> RequestContext:
     return RequestContext(
         request_id=str(meta.get("request_id", "")),
         multiplexed_model_id=str(meta.get("multiplexed_model_id", "")),
+        route=str(meta.get("route") or ""),
     )
 
 

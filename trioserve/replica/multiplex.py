@@ -42,11 +42,14 @@ from typing import Any, TypeVar, overload
 import anyio
 import anyio.to_thread
 
+from trioserve.replica import metrics
+
 __all__ = [
     "DEFAULT_MAX_NUM_MODELS_PER_REPLICA",
     "ModelMultiplexer",
     "changes",
     "in_use",
+    "model_count",
     "model_ids",
     "multiplexed",
     "unload_all",
@@ -91,6 +94,11 @@ async def wait_changed(seen: int) -> None:
 def in_use() -> bool:
     """Whether a multiplexed function has been called in this process."""
     return len(_live) > 0
+
+
+def model_count() -> int:
+    """How many models this process holds (loaded, not being loaded)."""
+    return sum(len(multiplexer.models) for multiplexer in list(_live))
 
 
 def model_ids() -> list[str]:
@@ -157,11 +165,9 @@ class ModelMultiplexer:
                     log.error("Failed to load model '%s': %r", model_id, exc)
                     raise
                 self.models[model_id] = model
-                log.info(
-                    "Successfully loaded model '%s' in %.1fms.",
-                    model_id,
-                    (time.monotonic() - started) * 1000,
-                )
+                elapsed = time.monotonic() - started
+                metrics.model_loaded(elapsed)
+                log.info("Successfully loaded model '%s' in %.1fms.", model_id, elapsed * 1000)
                 return model
         finally:
             self.loading[model_id] -= 1
@@ -190,11 +196,9 @@ class ModelMultiplexer:
                 # The model is gone from the cache either way; the request
                 # that needed the room goes on.
                 log.exception("The __del__ of model '%s' raised.", model_id)
-        log.info(
-            "Successfully unloaded model '%s' in %.1fms.",
-            model_id,
-            (time.monotonic() - started) * 1000,
-        )
+        elapsed = time.monotonic() - started
+        metrics.model_unloaded(elapsed)
+        log.info("Successfully unloaded model '%s' in %.1fms.", model_id, elapsed * 1000)
 
 
 def _check_function(func: Any) -> None:

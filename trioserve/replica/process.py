@@ -26,6 +26,7 @@ import argparse
 import logging
 import os
 import pickle
+import re
 import signal
 import sys
 import threading
@@ -34,12 +35,12 @@ from typing import Any
 
 import anyio
 
-from trioserve.core import rpc
+from trioserve.core import logs, rpc
 from trioserve.core.config import DeploymentConfig
 from trioserve.core.launcher import asyncio_backend_options, watch_lifeline
 from trioserve.core.routing import InstanceAddress, set_current_instance
 from trioserve.replica import multiplex
-from trioserve.replica.host import ReplicaHost, load_source
+from trioserve.replica.host import ReplicaHost, current_request, load_source
 
 __all__ = ["LOAD_REPORT_PERIOD_S", "MODEL_REPORT_GAP_S", "main"]
 
@@ -65,10 +66,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Run a replica until it is told to stop; exits the process."""
     args = _parse(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"%(asctime)s %(levelname)s replica {args.replica} %(name)s: %(message)s",
-        stream=sys.stderr,
+    app, deployment, _ = ["", "", *args.replica.rsplit("#", 2)][-3:]
+    logs.setup(
+        "replica",
+        {"application": app, "deployment": deployment, "replica": args.replica},
+        current_request,
+        file_name=f"replica-{_file_name(args.replica)}.log",
     )
     if args.lifeline_fd is not None:
         threading.Thread(
@@ -143,10 +146,13 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def _apply_logging_config(config: DeploymentConfig) -> None:
-    """Honour ``logging_config.log_level`` for the replica's and the user's loggers."""
-    level = (config.logging_config or {}).get("log_level")
-    if isinstance(level, str) and level.upper() in logging.getLevelNamesMapping():
-        logging.getLogger().setLevel(level.upper())
+    """Honour ``logging_config`` (level, encoding, access log, logs_dir: see
+    :func:`trioserve.core.logs.apply_logging_config`)."""
+    logs.apply_logging_config(config.logging_config)
+
+
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 async def _signals(stop: anyio.Event) -> None:
