@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +18,8 @@ import trio
 import yaml
 
 from tests.apps import configured
+from tests.conftest import POLL_DEADLINE_S
+from trioserve import config_file as cf
 from trioserve.cli import main
 from trioserve.config_file import (
     AppConfig,
@@ -705,3 +711,132 @@ async def test_redeploying_the_same_file_restarts_nothing_and_one_change_changes
             while (result := await multiplier.remote(5)) != 20:
                 assert result == 15
                 await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key", "says"),
+    [
+        (
+            """\
+            logging_config:
+              encoding: XML
+            applications:
+              - import_path: tests.apps.configured:app
+            """,
+            2,
+            "logging_config.encoding",
+            "must be 'TEXT' or 'JSON', got 'XML'",
+        ),
+        (
+            """\
+            applications:
+              - import_path: tests.apps.configured:app
+                logging_config: {log_level: LOUD}
+            """,
+            3,
+            "applications[0].logging_config.log_level",
+            "must be a logging level: one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+        (
+            """\
+            applications:
+              - import_path: tests.apps.configured:app
+                deployments:
+                  - name: Adder
+                    logging_config:
+                      enable_access_log: false
+                      encoding: XML
+            """,
+            7,
+            "applications[0].deployments[0].logging_config.encoding",
+            "must be 'TEXT' or 'JSON'",
+        ),
+    ],
+)
+def test_a_bad_logging_config_is_refused_at_its_line(
+    text: str, line: int, key: str, says: str
+) -> None:
+    with pytest.raises(ConfigFileError) as caught:
+        parse_config(textwrap.dedent(text), "serve.yaml")
+    assert (caught.value.line, caught.value.key) == (line, key)
+    assert says in str(caught.value) and str(caught.value).startswith(f"serve.yaml:{line}: {key}")
+
+
+def test_lower_case_logging_names_are_accepted_as_in_python() -> None:
+    config = parse_config("logging_config: {encoding: json, log_level: debug}\napplications: []\n")
+    assert config.logging_config == {"encoding": "json", "log_level": "debug"}
+
+
+# ------------------------------------------------------------------ --reload
+
+
+def test_watched_files_see_an_edit_that_keeps_the_mtime(tmp_path: Path) -> None:
+    module = tmp_path / "helper.py"
+    module.write_text("ANSWER = 1\n")
+    before = cf._watched_files([tmp_path])
+    stat = module.stat()
+    module.write_text("ANSWER = 1000\n")
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # an edit within one clock tick
+    assert cf._watched_files([tmp_path]) != before
+
+
+def test_a_reload_versions_every_deployment_by_the_watched_files_contents(tmp_path: Path) -> None:
+    config = parse_config(CALCULATOR, "calc.yaml")
+    helper = tmp_path / "helper.py"
+    helper.write_text("ANSWER = 'one'\n")
+    _, first, seen = cf._build_watched([tmp_path], lambda: config)
+    assert list(seen) == [str(helper)]
+    _, again, _ = cf._build_watched([tmp_path], lambda: config)
+    assert [b.deployments for b in first] == [b.deployments for b in again]
+
+    helper.write_text("ANSWER = 'two'\n")  # a module the deployments' classes do not live in
+    _, changed, _ = cf._build_watched([tmp_path], lambda: config)
+    before = {s.name: s.code_version for b in first for s in b.deployments}
+    after = {s.name: s.code_version for b in changed for s in b.deployments}
+    assert before.keys() == after.keys()
+    assert all(before[name] != after[name] for name in before)  # every replica rolls
+
+    # An explicit version is the user's word on when replicas roll, as in Ray.
+    versioned = cf.AppConfig(
+        name="v",
+        import_path="tests.apps.configured:greeter",
+        deployments=({"name": "Greeter", "version": "7"},),
+    )
+    built = build_from_config(versioned)
+    assert cf._with_files_version([built], "x")[0].deployments == built.deployments
+
+
+def test_a_reload_imports_and_builds_in_a_worker_thread(tmp_path: Path) -> None:
+    (tmp_path / "app_module.py").write_text("ANSWER = 1\n")
+    loaded_on: list[int] = []
+
+    def load() -> cf.ServeConfig:
+        loaded_on.append(threading.get_ident())
+        raise ConfigFileError("stop here")
+
+    out = io.StringIO()
+    state = cf._RunState(
+        load=load,
+        http_options={},
+        reload=True,
+        watch=[tmp_path],
+        keep_modules=set(sys.modules),
+        progress=cf._Progress(out),
+    )
+
+    async def wait_for(produce: Callable[[], object], what: str) -> None:
+        deadline = time.monotonic() + POLL_DEADLINE_S
+        while not produce():
+            assert time.monotonic() < deadline, f"still waiting for {what}:\n{out.getvalue()}"
+            await trio.sleep(0.05)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cf._watch_and_reload, None, state)
+            await wait_for(lambda: "Watching" in out.getvalue(), "the watch to start")
+            (tmp_path / "app_module.py").write_text("ANSWER = 22\n")
+            await wait_for(lambda: "still serving" in out.getvalue(), "the reload")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert loaded_on and threading.get_ident() not in loaded_on

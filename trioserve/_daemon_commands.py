@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +69,44 @@ def _cmd_start(args: argparse.Namespace) -> int:
         return _fail(exc)
     verb = "started" if started else "is already running"
     _say(f"trioserve daemon {verb} (pid {info.pid}); admin API at {info.admin_url}")
-    if info.http_options is not None:
-        options = info.http_options
-        _say(f"HTTP proxy on {options.get('host')}:{options.get('port')}")
-    _say(f"its folder: {daemon_dir()}; deploy with `trioserve deploy CONFIG.yaml`")
+    _say(f"its folder: {daemon_dir()}")
+    if info.http_options is None:
+        _say("no HTTP proxy; deploy with `trioserve deploy CONFIG.yaml`")
+        return EXIT_OK
+    try:
+        proxy = _wait_for_proxy()
+    except DaemonError as exc:
+        return _fail(exc)
+    if proxy.get("status") != "HEALTHY":
+        return _fail(
+            DaemonError(
+                f"the HTTP proxy cannot serve: {proxy.get('message') or proxy.get('status')}; "
+                "the daemon keeps running without it. Stop it with `trioserve shutdown -y` "
+                "and start it with another port (`trioserve start --http-port N`)."
+            )
+        )
+    _say(f"HTTP proxy at {proxy['url']}; deploy with `trioserve deploy CONFIG.yaml`")
     return EXIT_OK
+
+
+PROXY_WAIT_S = 60.0
+"""How long ``trioserve start`` waits for the HTTP proxy to serve or fail."""
+
+
+def _wait_for_proxy() -> dict[str, Any]:
+    """The proxy's status once it serves (HEALTHY) or cannot (a message), polled."""
+    deadline = time.monotonic() + PROXY_WAIT_S
+    with AdminClient() as admin:
+        while True:
+            proxy: dict[str, Any] = admin.status().get("proxy") or {}
+            if proxy.get("status") == "HEALTHY" or proxy.get("message"):
+                return proxy
+            if time.monotonic() > deadline:
+                raise DaemonError(
+                    f"the HTTP proxy did not start within {PROXY_WAIT_S:.0f} s; see "
+                    f"{daemon_dir() / 'logs' / 'proxy.log'}"
+                )
+            time.sleep(0.1)
 
 
 def _cmd_deploy(args: argparse.Namespace) -> int:

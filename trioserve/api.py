@@ -24,6 +24,7 @@ import trio
 
 from trioserve import _loop
 from trioserve.core.deployment import Application, build_app
+from trioserve.core.logs import check_logging_config
 from trioserve.core.routing import current_instance
 from trioserve.exceptions import RayServeException, warn_deprecated
 from trioserve.handle import DeploymentHandle
@@ -113,8 +114,11 @@ def start(
     ``~/.trioserve``). ``http_options`` (an ``HTTPOptions`` or a dict of its
     fields) says where the HTTP proxy listens, by default
     ``http://127.0.0.1:8000`` (``$TRIOSERVE_DEFAULT_HTTP_PORT`` changes the
-    default port); ``proxy_location="Disabled"`` runs no proxy. The Ray Serve
-    arguments ``grpc_options`` and ``logging_config`` are accepted for
+    default port); ``proxy_location="Disabled"`` runs no proxy.
+    ``logging_config`` (Ray's fields, a dict or a ``LoggingConfig``) is the
+    HTTP proxy's, as in Ray Serve (an application's own ``logging_config``
+    goes to ``serve.run`` or ``@serve.deployment``); a bad one raises
+    ValueError. The Ray Serve argument ``grpc_options`` is accepted for
     compatibility.
     """
     global _embedded
@@ -122,14 +126,27 @@ def start(
         raise TypeError(f"serve.start() got unexpected argument(s): {', '.join(sorted(kwargs))}")
     with _lock:
         if _embedded is not None:
-            if resources is not None or http_options is not None or proxy_location is not None:
+            if (
+                resources is not None
+                or http_options is not None
+                or proxy_location is not None
+                or logging_config is not None
+            ):
                 log.warning(
                     "trioserve is already running in this process; the new options are "
                     "ignored. Call serve.shutdown() first to change them."
                 )
             return
         options = http_options_from(http_options, proxy_location)
-        _embedded = _Embedded({"home": home, "resources": resources, "http_options": options})
+        checked = None if logging_config is None else check_logging_config(logging_config)
+        _embedded = _Embedded(
+            {
+                "home": home,
+                "resources": resources,
+                "http_options": options,
+                "logging_config": checked,
+            }
+        )
         atexit.register(shutdown)
 
 

@@ -39,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import inspect
+import logging
 import math
 import os
 import signal
@@ -49,7 +51,7 @@ import threading
 import traceback
 import typing
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -57,7 +59,6 @@ import yaml
 
 from trioserve.core.config import IGNORED_HTTP_FIELDS, AutoscalingConfig, HTTPOptions
 from trioserve.core.deployment import (
-    LOGGING_CONFIG_FIELDS,
     RAY_ACTOR_OPTIONS,
     Application,
     BuiltApp,
@@ -65,6 +66,7 @@ from trioserve.core.deployment import (
     _find_applications,
     build_app,
 )
+from trioserve.core.logs import ENCODINGS, LEVELS, LOGGING_CONFIG_FIELDS, check_logging_config
 
 __all__ = [
     "APP_KEYS",
@@ -549,16 +551,16 @@ def _logging_config(where: _Where, parent: _Map, path: str, value: Any) -> dict[
         )
     _check_keys(where, value, path, LOGGING_CONFIG_FIELDS, "logging_config")
     checks: dict[str, tuple[Callable[[Any], bool], str]] = {
-        "encoding": (lambda v: v in ("TEXT", "JSON"), "'TEXT' or 'JSON'"),
+        "encoding": (
+            lambda v: isinstance(v, str) and v.upper() in ENCODINGS,
+            " or ".join(map(repr, ENCODINGS)),
+        ),
         "log_level": (
             lambda v: (
                 (isinstance(v, int) and not isinstance(v, bool))
-                or (
-                    isinstance(v, str)
-                    and v.upper() in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL")
-                )
+                or (isinstance(v, str) and v.upper() in logging.getLevelNamesMapping())
             ),
-            "a level name such as INFO or DEBUG",
+            f"a logging level: one of {', '.join(LEVELS)} (or a level number)",
         ),
         "logs_dir": (lambda v: v is None or isinstance(v, str), "a folder path or null"),
         "enable_access_log": (lambda v: isinstance(v, bool), "true or false"),
@@ -573,7 +575,11 @@ def _logging_config(where: _Where, parent: _Map, path: str, value: Any) -> dict[
             where.fail(
                 _line(value, name), f"{path}.{name}", f"must be {what}, got {_describe(item)}."
             )
-    return typing.cast(dict[str, Any], _plain(value))
+    plain = typing.cast(dict[str, Any], _plain(value))
+    try:  # what @serve.deployment and serve.run refuse, refused here too
+        return check_logging_config(plain)
+    except (ValueError, TypeError) as exc:
+        where.fail(_line(parent, key), path, str(exc))
 
 
 def _import_path_problem(value: str) -> str | None:
@@ -1429,13 +1435,15 @@ def _describe_app(name: str, status: Any) -> str:
     return f"{name}: {state}, replicas running: {', '.join(parts) or 'none yet'}"
 
 
-def _watched_files(paths: Sequence[Path]) -> dict[str, int]:
-    """The mtimes of the watched files: given files, and .py files under given folders."""
-    found: dict[str, int] = {}
+def _watched_files(paths: Sequence[Path]) -> dict[str, tuple[int, int]]:
+    """``(mtime, size)`` of the watched files: given files, and .py files under given
+    folders (the size too: an edit within the clock's resolution changes it, mostly)."""
+    found: dict[str, tuple[int, int]] = {}
     for path in paths:
         if path.is_file():
             with contextlib.suppress(OSError):
-                found[str(path)] = path.stat().st_mtime_ns
+                st = path.stat()
+                found[str(path)] = (st.st_mtime_ns, st.st_size)
             continue
         for folder, dirs, files in os.walk(path):
             dirs[:] = [
@@ -1448,8 +1456,58 @@ def _watched_files(paths: Sequence[Path]) -> dict[str, int]:
                 if file.endswith(".py"):
                     full = os.path.join(folder, file)
                     with contextlib.suppress(OSError):
-                        found[full] = os.stat(full).st_mtime_ns
+                        st = os.stat(full)
+                        found[full] = (st.st_mtime_ns, st.st_size)
     return found
+
+
+def _files_digest(files: Iterable[str]) -> str:
+    """A digest of the names and contents of ``files``."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(name.encode() + b"\0")
+        try:
+            with open(name, "rb") as f:
+                h.update(hashlib.file_digest(f, "sha256").digest())
+        except OSError:
+            h.update(b"(unreadable)")
+    return h.hexdigest()
+
+
+def _with_files_version(built: list[BuiltApp], files_digest: str) -> list[BuiltApp]:
+    """``built``, with ``files_digest`` folded into each deployment's code version.
+
+    A deployment's own code version covers its class's source file only; with
+    the digest of every watched file, a reload rolls the replicas whatever file
+    changed (a helper module the class imports, too), as Ray's ``serve run
+    --reload`` does. A deployment with an explicit ``version`` keeps it (the
+    user decides when it rolls, as in Ray).
+    """
+    for app in built:
+        app.deployments = [
+            spec
+            if spec.config.version is not None
+            else dataclasses.replace(
+                spec,
+                code_version=hashlib.sha256(
+                    f"{spec.code_version}:{files_digest}".encode()
+                ).hexdigest()[:16],
+            )
+            for spec in app.deployments
+        ]
+    return built
+
+
+def _build_watched(
+    watch: Sequence[Path], load: Callable[[], ServeConfig]
+) -> tuple[ServeConfig, list[BuiltApp], dict[str, tuple[int, int]]]:
+    """Load and build for ``--reload``: the config, its applications (versioned by the
+    watched files' contents, see :func:`_with_files_version`) and the files' snapshot
+    taken before. Blocking: it imports user code."""
+    seen = _watched_files(watch)
+    config = load()
+    built = build_applications(config)
+    return config, _with_files_version(built, _files_digest(seen)), seen
 
 
 def _forget_modules(folders: Sequence[Path], keep: set[str]) -> None:
@@ -1475,6 +1533,10 @@ class _RunState:
     keep_modules: set[str]
     progress: _Progress
     names: list[str] = dataclasses.field(default_factory=list)
+    seen: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    """With ``reload``: the watched files' snapshot that the running version was built from."""
+    logging_config: Mapping[str, Any] | None = None
+    """The file's top-level ``logging_config``: the proxy's too, as in Ray Serve."""
 
 
 def run_foreground(
@@ -1501,17 +1563,24 @@ def run_foreground(
 
     progress = _Progress(out if out is not None else sys.stderr)
     keep = set(sys.modules)
-    config = load()
+    watched = [Path(p).resolve() for p in watch]
+    seen: dict[str, tuple[int, int]] = {}
+    if reload:
+        config, built, seen = _build_watched(watched, load)
+    else:
+        config = load()
+        built = build_applications(config)
     if not config.applications:
         raise ConfigFileError("there are no applications to run.", source=config.source)
-    built = build_applications(config)
     state = _RunState(
         load=load,
         http_options=http_options_of(config, host=host, port=port),
         reload=reload,
-        watch=[Path(p).resolve() for p in watch],
+        watch=watched,
         keep_modules=keep,
         progress=progress,
+        seen=seen,
+        logging_config=config.logging_config,
     )
     try:
         return trio.run(_serve, state, built)
@@ -1562,7 +1631,9 @@ async def _serve(state: _RunState, built: list[BuiltApp]) -> int:
 
             nursery.start_soon(consume_signals)
             progress.note("Starting trioserve...")
-            async with open_instance(http_options=state.http_options) as serve:
+            async with open_instance(
+                http_options=state.http_options, logging_config=state.logging_config
+            ) as serve:
                 with work_scope:
                     code = await _deploy_and_wait(serve, built, progress)
                     if code == 0:
@@ -1654,28 +1725,49 @@ async def _watch_and_reload(serve: Any, state: _RunState) -> None:
     import trio
 
     progress = state.progress
-    seen = await trio.to_thread.run_sync(_watched_files, state.watch)
+    seen = state.seen or await trio.to_thread.run_sync(_watched_files, state.watch)
     progress.note(f"Watching {', '.join(map(str, state.watch))} for changes (--reload).")
     while True:
         await trio.sleep(0.5)
         now = await trio.to_thread.run_sync(_watched_files, state.watch)
         if now == seen:
             continue
-        seen = now
         progress.note("Change detected: reloading...")
-        _forget_modules(state.watch, state.keep_modules)
+
+        def rebuild() -> tuple[ServeConfig, list[BuiltApp], dict[str, tuple[int, int]]]:
+            # In a worker thread: importing and building user code may take long,
+            # and the controller and the signal handling run on this loop.
+            _forget_modules(state.watch, state.keep_modules)
+            return _build_watched(state.watch, state.load)
+
         try:
-            config = state.load()
-            built = build_applications(config)
+            config, built, seen = await trio.to_thread.run_sync(rebuild)
         except ConfigFileError as exc:
+            seen = now
             progress.note(f"trioserve: {exc}\nFix the error; still serving the previous version.")
             continue
         if await _deploy_and_wait(serve, built, progress) != 0:
             progress.note("Still watching; the previous version serves where it can.")
             continue
+        if config.logging_config != state.logging_config:
+            progress.note(
+                "The top-level logging_config changed: the replicas use the new one; "
+                "the HTTP proxy keeps the one it started with until trioserve run restarts."
+            )
         names = [b.name for b in built]
         for gone in [n for n in state.names if n not in names]:
             await serve.delete(gone)
         state.names = names
         await _report_ready(serve, built, progress)
+        pinned = [
+            f"{b.name}/{spec.name}"
+            for b in built
+            for spec in b.deployments
+            if spec.config.version is not None
+        ]
+        if pinned:
+            progress.note(
+                f"Deployments with an explicit version keep their replicas: {', '.join(pinned)} "
+                "(change the version to roll them)."
+            )
         progress.note("Reloaded.")

@@ -41,13 +41,14 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
 import httpx
 
 from trioserve.core import rpc
-from trioserve.core.admin import ADMIN_PREFIX, admin_app, serve_admin
+from trioserve.core.admin import ADMIN_PREFIX, admin_app, bind_admin_socket, serve_admin
 from trioserve.core.config import HTTPOptions
 from trioserve.core.controller import Controller
 from trioserve.core.deployment import BuiltApp
@@ -82,6 +83,10 @@ SHUTDOWN_DRAIN_S = 60.0
 """How long ``trioserve shutdown`` lets replicas drain before every process is stopped."""
 
 INFO_FILE = "daemon.json"
+SETTINGS_FILE = "settings.json"
+"""What the last ``trioserve start`` asked for (HTTP options, admin host and port);
+kept after the daemon stops, so that the next start serves the same way."""
+LOCK_FILE = "daemon.lock"
 
 
 class DaemonError(RayServeException):
@@ -145,11 +150,38 @@ def running_daemon(home: str | os.PathLike[str] | None = None) -> DaemonInfo | N
     return info
 
 
-def _write_info(home: Path, info: DaemonInfo) -> None:
-    path = daemon_dir(home) / INFO_FILE
+def _write_json(path: Path, value: Any) -> None:
     temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+    temp.write_text(json.dumps(value, indent=2) + "\n")
     os.replace(temp, path)
+
+
+def _write_info(home: Path, info: DaemonInfo) -> None:
+    _write_json(daemon_dir(home) / INFO_FILE, info.to_dict())
+
+
+def read_settings(home: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """What the last ``trioserve start`` of ``home`` asked for ({} if none)."""
+    try:
+        data = json.loads((daemon_dir(home) / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _take_lock(folder: Path) -> Any:
+    """Hold the daemon folder's lock for this process's life: one daemon per folder."""
+    import fcntl
+
+    lock = open(folder / LOCK_FILE, "a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DaemonError(
+            f"another trioserve daemon runs for {folder}; stop it with `trioserve shutdown`"
+        ) from None
+    return lock
 
 
 # ------------------------------------------------------------------ the daemon process
@@ -164,6 +196,17 @@ async def serve_daemon(
     """Run the daemon of ``home`` until SIGTERM, SIGINT or an admin shutdown."""
     folder = daemon_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
+    lock = _take_lock(folder)
+    try:
+        # The admin port first: if it is taken, nothing has started (and no
+        # process a previous daemon left running has been adopted, or stopped).
+        admin_sock = bind_admin_socket(admin_host, admin_port)
+    except OSError as exc:
+        lock.close()
+        raise DaemonError(
+            f"cannot listen for the admin API on {admin_host}:{admin_port}: "
+            f"{exc.strerror or exc}; choose another port with `trioserve start --admin-port N`"
+        ) from None
     previous = read_info(home)
     secret_file = folder / "secret"
     secret = rpc.load_secret(secret_file)
@@ -199,7 +242,7 @@ async def serve_daemon(
         async with anyio.create_task_group() as tg:
             address = await tg.start(controller.run)
             app = admin_app(controller, secret, shutdown, metrics)
-            admin_url = await tg.start(serve_admin, app, admin_host, admin_port)
+            admin_url = await tg.start(serve_admin, app, admin_sock)
             _write_info(
                 home,
                 DaemonInfo(
@@ -225,6 +268,7 @@ async def serve_daemon(
             (folder / INFO_FILE).unlink()
     finally:
         await anyio.to_thread.run_sync(event_log.close)
+        lock.close()
 
 
 async def _delete_all(controller: Controller) -> None:
@@ -269,9 +313,31 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.admin_port,
             backend="trio",
         )
-    except OSError as exc:
-        log.error("the daemon cannot start: %s", exc)
+    except BaseException as exc:
+        problem = _leaf(exc, (DaemonError, OSError))
+        if problem is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        if isinstance(problem, OSError):
+            log.error(
+                "the daemon cannot start: %s; if a previous daemon's controller address "
+                "is taken by another program, stop that program",
+                problem,
+            )
+        else:
+            log.error("the daemon cannot start: %s", problem)
         sys.exit(1)
+
+
+def _leaf(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first exception of ``kinds`` in ``exc``, looking inside exception groups."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _leaf(inner, kinds)
+            if found is not None:
+                return found
+    return None
 
 
 # ------------------------------------------------------------------ starting it
@@ -298,23 +364,28 @@ def start_daemon(
     running = running_daemon(root)
     if running is not None:
         return running, False
-    previous = read_info(root)
+    settings = read_settings(root)
     if http_options is True:
         options: dict[str, Any] | None = (
-            previous.http_options if previous is not None else http_options_from().to_dict()
+            settings["http_options"]
+            if "http_options" in settings
+            else http_options_from().to_dict()
         )
     elif http_options is None or http_options is False:
         options = None
     else:
         options = http_options_from(dict(http_options)).to_dict()
-    host = admin_host or (previous.admin_host if previous is not None else "127.0.0.1")
+    host = admin_host or str(settings.get("admin_host") or "127.0.0.1")
     port = (
         admin_port
         if admin_port is not None
-        else (previous.admin_port if previous is not None else DEFAULT_ADMIN_PORT)
+        else int(settings.get("admin_port", DEFAULT_ADMIN_PORT))
     )
     folder = daemon_dir(root)
     (folder / "logs").mkdir(parents=True, exist_ok=True)
+    _write_json(
+        folder / SETTINGS_FILE, {"http_options": options, "admin_host": host, "admin_port": port}
+    )
     log_file = folder / "logs" / "daemon.log"
     argv = [
         sys.executable,
@@ -384,7 +455,13 @@ class AdminClient:
                 "start one with `trioserve start`"
             )
         self.info = info
-        secret = rpc.load_secret(daemon_dir(root) / "secret", create=False)
+        try:
+            secret = rpc.load_secret(daemon_dir(root) / "secret", create=False)
+        except (OSError, rpc.AuthenticationError) as exc:
+            raise DaemonError(
+                f"cannot read the daemon's secret: {exc}; run this command as the user "
+                "that started the daemon"
+            ) from None
         self._client = httpx.Client(
             base_url=info.admin_url,
             headers={"authorization": f"Bearer {secret.decode()}"},
@@ -430,7 +507,7 @@ class AdminClient:
 
     def delete(self, name: str) -> None:
         """Delete the application ``name``; :class:`DaemonError` (404) if there is none."""
-        self._call("DELETE", f"{ADMIN_PREFIX}/applications/{name}")
+        self._call("DELETE", f"{ADMIN_PREFIX}/applications/{quote(name, safe='')}")
 
     def config(self) -> dict[str, Any] | None:
         """The config file deployed last, or None when none was."""

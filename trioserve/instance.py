@@ -33,6 +33,7 @@ from trioserve.core.config import DEFAULT_HTTP_PORT, HTTPOptions
 from trioserve.core.controller import Controller
 from trioserve.core.deployment import Application, BuiltApp, build_app
 from trioserve.core.launcher import LocalProcessLauncher, detect_resources
+from trioserve.core.logs import check_logging_config
 from trioserve.core.routing import (
     InstanceAddress,
     current_instance,
@@ -59,9 +60,10 @@ PENDING_REPORT_S = 10.0
 
 
 def state_home() -> Path:
-    """The state dir: ``$TRIOSERVE_HOME`` or ``~/.trioserve``."""
+    """The state dir, absolute: ``$TRIOSERVE_HOME`` (``~`` expanded, relative to the
+    current directory) or ``~/.trioserve``."""
     home = os.environ.get("TRIOSERVE_HOME")
-    return Path(home) if home else Path.home() / ".trioserve"
+    return (Path(home) if home else Path.home() / ".trioserve").expanduser().resolve()
 
 
 def http_options_from(value: Any = None, proxy_location: Any = None) -> HTTPOptions:
@@ -285,6 +287,7 @@ async def open_instance(
     resources: Mapping[str, float] | None = None,
     http_options: Any = None,
     proxy_location: Any = None,
+    logging_config: Any = None,
     **controller_options: Any,
 ) -> AsyncIterator[ServeInstance]:
     """Run an instance in the caller's event loop (trio or asyncio) for the body's duration.
@@ -293,10 +296,14 @@ async def open_instance(
     declares what replicas may use (default: this machine's CPUs, GPUs and
     memory; given names replace the detected ones). ``http_options`` and
     ``proxy_location`` are those of ``serve.start``: by default an HTTP proxy
-    serves at ``http://127.0.0.1:8000``. Handles made in this
-    process talk to this instance while it runs. On leaving, every replica
-    is stopped (drained, then SIGTERM; SIGKILL after the stop timeout).
+    serves at ``http://127.0.0.1:8000``. ``logging_config`` (Ray's fields, a
+    dict or a ``LoggingConfig``) is the HTTP proxy's, as Ray's
+    ``serve.start(logging_config=...)``; a bad one raises ValueError here.
+    Handles made in this process talk to this instance while it runs. On
+    leaving, every replica is stopped (drained, then SIGTERM; SIGKILL after
+    the stop timeout).
     """
+    checked_logging = None if logging_config is None else check_logging_config(logging_config)
     run_dir = new_run_dir(home)
     secret_file = run_dir / "secret"
     secret = rpc.load_secret(secret_file)
@@ -310,6 +317,7 @@ async def open_instance(
         secret,
         resources=declared,
         http_options=options if options.enabled else None,
+        logging_config=checked_logging,
         **controller_options,
     )
     try:

@@ -91,6 +91,12 @@ def test_options_switch_between_fixed_and_autoscaling():
         ({"ray_actor_options": {"num_cpu": 1}}, ValueError, "Unknown ray_actor_options 'num_cpu'"),
         ({"logging_config": {"level": "INFO"}}, ValueError, "Unknown logging_config field"),
         (
+            {"logging_config": {"encoding": "XML"}},
+            ValueError,
+            "logging_config encoding must be TEXT or JSON, got 'XML'",
+        ),
+        ({"logging_config": {"log_level": "LOUD"}}, ValueError, "log_level 'LOUD' is not a"),
+        (
             {"autoscaling_config": {"min_replicas": 3, "max_replicas": 2}},
             ConfigError,
             "max_replicas",
@@ -229,3 +235,14 @@ def test_logging_config_of_run_fills_deployments_without_one():
     built = build_app(app, "log", logging_config={"log_level": "WARNING"})
     levels = {s.name: s.config.logging_config["log_level"] for s in built.deployments}
     assert levels == {"double": "DEBUG", "Adder": "WARNING"}
+
+
+def test_a_bad_logging_config_is_refused_by_options_and_run_before_any_replica():
+    with pytest.raises(ValueError, match="encoding must be TEXT or JSON, got 'XML'"):
+        serve.deployment(Model).options(logging_config={"encoding": "XML"})
+    with pytest.raises(ValueError, match=r"log_level 'LOUD' is not a logging level; use one of"):
+        build_app(serve.deployment(Model).bind(), "a", logging_config={"log_level": "LOUD"})
+    # Lower case names are accepted, as the replica applies them.
+    d = serve.deployment(Model).options(logging_config={"encoding": "json", "log_level": "debug"})
+    (spec,) = build_app(d.bind(), "b").deployments
+    assert spec.config.logging_config == {"encoding": "json", "log_level": "debug"}

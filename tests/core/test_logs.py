@@ -94,3 +94,47 @@ def test_bad_values_are_refused() -> None:
     with pytest.raises(ValueError, match="not a logging level"):
         logs.check_logging_config({"log_level": "LOUD"})
     logs.check_logging_config({"encoding": "json", "log_level": "debug"})
+
+
+def test_check_logging_config_names_the_field_and_its_valid_values() -> None:
+    with pytest.raises(ValueError, match=r"encoding must be TEXT or JSON, got 'XML'"):
+        logs.check_logging_config({"encoding": "XML"})
+    with pytest.raises(ValueError, match=r"log_level 'LOUD'.*DEBUG, INFO, WARNING, ERROR"):
+        logs.check_logging_config({"log_level": "LOUD"})
+    with pytest.raises(ValueError, match=r"Unknown logging_config field\(s\) 'level'.*log_level"):
+        logs.check_logging_config({"level": "INFO"})
+    with pytest.raises(ValueError, match="enable_access_log must be True or False"):
+        logs.check_logging_config({"enable_access_log": "no"})
+    with pytest.raises(ValueError, match="additional_log_standard_attrs must be a list"):
+        logs.check_logging_config({"additional_log_standard_attrs": "lineno"})
+    with pytest.raises(TypeError, match="must be a dict"):
+        logs.check_logging_config("JSON")
+
+
+def test_check_logging_config_returns_a_dict_of_a_ray_logging_config() -> None:
+    class LoggingConfig:  # the shape of Ray's pydantic model
+        def dict(self) -> dict[str, object]:
+            return {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True}
+
+    assert logs.check_logging_config(LoggingConfig())["encoding"] == "JSON"
+    assert logs.check_logging_config(None) == {}
+    assert logs.check_logging_config({"log_level": 10}) == {"log_level": 10}
+
+
+def test_the_proxys_logging_config_is_the_deployed_files_else_the_instances() -> None:
+    from trioserve.core.controller import _published_values
+    from trioserve.core.state import ClusterState
+
+    state = ClusterState()
+    assert "proxy_logging" not in _published_values(state)
+    assert _published_values(state, None, {"encoding": "JSON"})["proxy_logging"] == {
+        "encoding": "JSON"
+    }
+    state.deployed_config = {"applications": [], "logging_config": {"enable_access_log": False}}
+    assert _published_values(state, None, {"encoding": "JSON"})["proxy_logging"] == {
+        "enable_access_log": False
+    }
+    state.deployed_config = {"applications": []}  # a file without one: the instance's again
+    assert _published_values(state, None, {"encoding": "JSON"})["proxy_logging"] == {
+        "encoding": "JSON"
+    }

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import types
+from collections.abc import Callable
+from typing import TypeVar
+
+import anyio.to_thread
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,6 +26,7 @@ from trioserve.core.metrics import (
 from trioserve.core.state import REASON_START_TIMEOUT, ClusterState, apply
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+T = TypeVar("T")
 
 
 def samples_of(text: bytes | str) -> Samples:
@@ -235,3 +243,31 @@ def test_proxy_metrics_bound_the_method_label_and_count_clients_that_left() -> N
     assert value(samples, "ray_serve_http_request_latency_ms_bucket",
                  method="GET", status_code="200", le="5.0", **labels) == 1  # fmt: skip
     assert value(samples, "ray_serve_num_ongoing_http_requests") == 0
+
+
+def test_event_counts_read_the_log_through_the_controllers_db_worker() -> None:
+    from trioserve.core.metrics import _event_counts
+    from trioserve.store import EventLog
+
+    events = history()
+    log = EventLog.open("sqlite://")  # in memory: one connection, shared by the threads
+    log.append(events)
+    loop_thread = threading.get_ident()
+    used: list[int] = []
+
+    class Controller:
+        """What :func:`_event_counts` uses of a controller."""
+
+        journal = types.SimpleNamespace(seq=len(events), log=log)
+
+        async def _db(self, fn: Callable[[], T]) -> T:
+            def run() -> T:
+                used.append(threading.get_ident())
+                return fn()
+
+            return await anyio.to_thread.run_sync(run)
+
+    families = trio.run(_event_counts, Controller())
+    assert used and loop_thread not in used  # never on the loop's thread, beside the _db one
+    samples = samples_of(render(families))
+    assert value(samples, "trioserve_controller_events_total", kind="ReplicaStarting") == 5

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import io
 import os
 import subprocess
 import sys
 import threading
+import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
 import trioserve as serve
 from tests.apps.wheels import make_wheel
+from tests.conftest import POLL_DEADLINE_S, pid_alive, poll_until
 from trioserve.core import runtime_env as rt
 from trioserve.core.runtime_env import RuntimeEnvError, prepare, validate_runtime_env
 
@@ -184,3 +190,124 @@ def test_a_failed_pip_build_is_reported_with_pips_output_and_not_kept(
     digest = rt.pip_env_digest([missing])
     assert not (home / "cache" / "pip" / digest).exists()
     assert "no_such_pkg" in log.getvalue()
+
+
+def test_pip_install_options_are_hashed_apart_from_the_packages_and_in_order() -> None:
+    def digest(pip: dict[str, list[str]]) -> str:
+        checked = validate_runtime_env({"pip": pip})["pip"]
+        assert checked == pip  # options kept apart from the requirements, in their order
+        return rt.pip_env_digest(
+            checked["packages"], install_options=checked["pip_install_options"]
+        )
+
+    first = {
+        "packages": ["x"],
+        "pip_install_options": ["--index-url", "A", "--extra-index-url", "B"],
+    }
+    swapped = {
+        "packages": ["x"],
+        "pip_install_options": ["--index-url", "B", "--extra-index-url", "A"],
+    }
+    assert digest(first) != digest(swapped)
+    # An option is not a requirement; the requirements' order still does not matter.
+    assert rt.pip_env_digest(["x", "--pre"]) != rt.pip_env_digest(["x"], install_options=["--pre"])
+    assert rt.pip_env_digest(["b", "a"], install_options=["--pre"]) == rt.pip_env_digest(
+        ["a", "b"], install_options=["--pre"]
+    )
+    # Without options, the key is unchanged (environments built before are reused).
+    assert rt.pip_env_digest(["x"], install_options=[]) == rt.pip_env_digest(["x"])
+
+
+def _fake_python(folder: Path) -> Path:
+    """An "interpreter" whose every run records itself, starts a child, and hangs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "python"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> "{folder}/calls"\n'
+        "sleep 600 &\n"
+        f'echo $! >> "{folder}/pids"\n'
+        f'echo $$ >> "{folder}/pids"\n'
+        "wait\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+async def _wait_for(produce: Callable[[], object], what: str) -> object:
+    """:func:`poll_until` for trio code."""
+    deadline = time.monotonic() + POLL_DEADLINE_S
+    while not (value := produce()):
+        assert time.monotonic() < deadline, f"still waiting for {what}"
+        await trio.sleep(0.05)
+    return value
+
+
+def test_a_cancelled_pip_build_kills_its_processes_and_keeps_nothing(
+    tmp_path: Path, home: Path
+) -> None:
+    fake = _fake_python(tmp_path / "fake")
+    pids = tmp_path / "fake" / "pids"
+    log = io.StringIO()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(rt.prepare_async, {"pip": ["tinypkg"]}, python=str(fake), log=log)
+            )
+            # The venv step runs (the fake interpreter and its child are up): cancel.
+            await _wait_for(lambda: pids.exists() and len(pids.read_text().split()) == 2, "pids")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert "-m venv" in (tmp_path / "fake" / "calls").read_text()
+    digest = rt.pip_env_digest(["tinypkg"], str(fake))
+    assert not (home / "cache" / "pip" / digest).exists()  # no venv, no complete.json
+    started = [int(p) for p in pids.read_text().split()]
+    poll_until(lambda: not any(map(pid_alive, started)), "the build's processes to be killed")
+    assert "built pip environment" not in log.getvalue()
+
+
+def test_waiting_for_anothers_pip_build_does_not_block_the_loop_and_can_be_cancelled(
+    tmp_path: Path, home: Path
+) -> None:
+    fake = _fake_python(tmp_path / "fake")
+    digest = rt.pip_env_digest(["tinypkg"], str(fake))
+    lock = home / "cache" / "pip" / f"{digest}.lock"
+    lock.parent.mkdir(parents=True)
+    log = io.StringIO()
+    with open(lock, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # another process builds it
+        # Should the wait block the loop, the lock is let go (so this test fails, not hangs).
+        safety = threading.Timer(POLL_DEADLINE_S, fcntl.flock, (held.fileno(), fcntl.LOCK_UN))
+        safety.start()
+
+        async def main() -> None:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    functools.partial(
+                        rt.prepare_async, {"pip": ["tinypkg"]}, python=str(fake), log=log
+                    )
+                )
+                await _wait_for(lambda: "waiting for pip environment" in log.getvalue(), "wait")
+                nursery.cancel_scope.cancel()
+
+        try:
+            trio.run(main)
+        finally:
+            safety.cancel()
+    assert not (tmp_path / "fake" / "calls").exists()  # it never built
+    assert not (home / "cache" / "pip" / digest).exists()
+
+
+def test_a_relative_state_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trioserve.instance import state_home
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRIOSERVE_HOME", "state")
+    assert state_home() == tmp_path.resolve() / "state"
+    assert rt.cache_dir() == tmp_path.resolve() / "state" / "cache"
+    monkeypatch.setenv("TRIOSERVE_HOME", "~/somewhere")
+    assert state_home() == (Path.home() / "somewhere").resolve()

@@ -246,31 +246,70 @@ def test_reload_redeploys_when_a_file_changes(
     project = tmp_path / "project"
     project.mkdir()
     module = project / "reloadable_hello.py"
+    helper = project / "reloadable_helper.py"
     source = (
+        "import trioserve as serve\n"
+        "import reloadable_helper\n\n"
+        "@serve.deployment\n"
+        "class Hello:\n"
+        "    def __call__(self, request) -> str:\n"
+        "        return 'version one, ' + reloadable_helper.ANSWER\n\n"
+        "app = Hello.bind()\n"
+    )
+    module.write_text(source)
+    helper.write_text("ANSWER = 'helper one'\n")
+    run = start(started, ["reloadable_hello:app", "--port", "0", "--reload"], home, cwd=project)
+    url = run.urls()["default"]
+    assert get(url).text == "version one, helper one"
+    run.wait_for("Watching")
+
+    def wait_for_answer(old: str, new: str) -> None:
+        deadline = time.monotonic() + DEADLINE_S
+        while (text := get(url).text) != new:
+            assert text == old  # the old version serves until the new one is up
+            assert time.monotonic() < deadline, run.output
+            time.sleep(0.1)
+
+    module.write_text(source.replace("version one", "version two"))
+    run.wait_for("Reloaded")
+    wait_for_answer("version one, helper one", "version two, helper one")
+
+    # An edit of a module the app imports (not the deployment's own) rolls the replicas too.
+    helper.write_text("ANSWER = 'helper two'\n")
+    run.wait_for("Reloaded", count=2)
+    wait_for_answer("version two, helper one", "version two, helper two")
+
+    # A broken edit keeps the running version and says what is wrong.
+    module.write_text(source.replace("return 'version one, '", "return version one"))
+    run.wait_for("still serving the previous version")
+    assert "SyntaxError" in run.output
+    assert get(url).text == "version two, helper two"
+    assert run.stop() == 0
+
+
+def test_a_relative_state_dir_serves_an_app_in_a_working_dir(
+    tmp_path: Path, started: list[Run]
+) -> None:
+    project = tmp_path / "project"
+    code = project / "code"
+    code.mkdir(parents=True)
+    (code / "wd_hello.py").write_text(
         "import trioserve as serve\n\n"
         "@serve.deployment\n"
         "class Hello:\n"
         "    def __call__(self, request) -> str:\n"
-        "        return 'version one'\n\n"
+        "        return 'hello from the working dir'\n\n"
         "app = Hello.bind()\n"
     )
-    module.write_text(source)
-    run = start(started, ["reloadable_hello:app", "--port", "0", "--reload"], home, cwd=project)
+    # TRIOSERVE_HOME=state, relative to the folder trioserve runs in; replicas run in code/.
+    run = start(
+        started,
+        ["wd_hello:app", "--working-dir", "code", "--port", "0"],
+        Path("state"),
+        cwd=project,
+    )
     url = run.urls()["default"]
-    assert get(url).text == "version one"
-    run.wait_for("Watching")
-
-    module.write_text(source.replace("version one", "version two"))
-    run.wait_for("Reloaded")
-    deadline = time.monotonic() + DEADLINE_S
-    while (text := get(url).text) != "version two":
-        assert text == "version one"  # the old version serves until the new one is up
-        assert time.monotonic() < deadline, run.output
-        time.sleep(0.1)
-
-    # A broken edit keeps the running version and says what is wrong.
-    module.write_text(source.replace("return 'version one'", "return version one"))
-    run.wait_for("still serving the previous version")
-    assert "SyntaxError" in run.output
-    assert get(url).text == "version two"
+    assert get(url).text == "hello from the working dir"
+    assert (project / "state" / "latest" / "events.db").exists()
+    assert not (code / "state").exists()
     assert run.stop() == 0

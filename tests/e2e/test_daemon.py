@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -301,3 +302,95 @@ def test_sigkill_of_the_controller_under_traffic_loses_no_request(
     assert shown.stdout.count("ReplicaAdopted") == 3  # two, then the survivor again
     verified = cli(home, "log", "verify", "--log", str(home / "daemon"))
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+def can_bind(sock: socket.socket, port: int) -> bool:
+    """Bind ``sock`` to ``port``; False while the kernel still holds the port."""
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_a_start_that_cannot_listen_stops_nothing_it_would_adopt(
+    home: Path, tmp_path: Path
+) -> None:
+    admin_port = free_port()
+    started = cli(home, "start", "--admin-port", str(admin_port), "--http-port", "0")
+    assert started.returncode == 0, started.stderr
+    config = write_config(
+        tmp_path / "serve.yaml",
+        [{"name": "app", "route_prefix": "/", "import_path": "tests.apps.daemon_app:app"}],
+    )
+    assert cli(home, "deploy", str(config)).returncode == 0
+    doc = wait_until("the app RUNNING", lambda: running(home, "app", 1))
+    survivors = {p.pid for p in find_instance_processes(home / "daemon" / "secret")}
+    first = daemon_pid(home)
+    os.kill(first, signal.SIGKILL)
+    wait_until("the daemon gone", lambda: not pid_alive(first))
+
+    with socket.socket() as squatter:  # another program takes the admin port meanwhile
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wait_until("the admin port free", lambda: can_bind(squatter, admin_port))
+        squatter.listen()
+        refused = cli(home, "start")
+        assert refused.returncode == 1
+        assert "--admin-port" in refused.stderr
+        assert httpx.get(doc["http_url"] + "/").status_code == 200
+        assert survivors <= {p.pid for p in find_instance_processes(home / "daemon" / "secret")}
+
+    again = cli(home, "start")  # the same admin port as before, free again
+    assert again.returncode == 0, again.stderr
+    doc = wait_until("the app RUNNING", lambda: running(home, "app", 1))
+    assert survivors == {p.pid for p in find_instance_processes(home / "daemon" / "secret")}
+
+
+def test_start_reports_a_proxy_that_cannot_listen(home: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        result = cli(home, "start", "--admin-port", "0", "--http-port", str(taken))
+    assert result.returncode == 1
+    assert "HTTP proxy cannot serve" in result.stderr
+    assert "--http-port" in result.stderr
+
+
+def test_the_next_start_serves_as_the_last_one_asked(home: Path) -> None:
+    port = free_port()
+    first = cli(home, "start", "--admin-port", "0", "--http-port", str(port))
+    assert first.returncode == 0, first.stderr
+    assert f"HTTP proxy at http://127.0.0.1:{port}" in first.stderr
+    assert cli(home, "shutdown", "-y").returncode == 0
+    again = cli(home, "start")
+    assert again.returncode == 0, again.stderr
+    assert f"HTTP proxy at http://127.0.0.1:{port}" in again.stderr
+
+
+def test_the_admin_api_refuses_an_ingress_that_is_not_a_deployment(home: Path) -> None:
+    start(home)
+    from tests.apps.daemon_app import app
+    from trioserve.core.deployment import build_app
+    from trioserve.daemon import AdminClient, DaemonError, deploy_payload
+
+    payload = deploy_payload({"applications": []}, [build_app(app, "a", "/a")])
+    payload["applications"][0]["ingress"] = "Nope"
+    previous = os.environ.get("TRIOSERVE_HOME")
+    os.environ["TRIOSERVE_HOME"] = str(home)
+    try:
+        with AdminClient() as admin, pytest.raises(DaemonError, match="'Nope' is not one of"):
+            admin.deploy(payload)
+    finally:
+        if previous is None:
+            del os.environ["TRIOSERVE_HOME"]
+        else:
+            os.environ["TRIOSERVE_HOME"] = previous
+    assert status(home)["applications"] == {}

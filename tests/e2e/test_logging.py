@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +188,179 @@ def test_the_proxy_logs_json_when_its_environment_says_so(
         assert line["component_name"] == "proxy" and line["latency_ms"] >= 0
     finally:
         serve.shutdown()
+
+
+def json_lines(path: Path, needle: str) -> list[dict[str, Any]]:
+    """The JSON records of the log file ``path`` whose line holds ``needle``."""
+    if not path.exists():
+        return []
+    text = path.read_text(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith("{") and needle in line]
+    return [json.loads(line) for line in lines]
+
+
+def proxy_counted(base_url: str, app: str) -> float:
+    """How many requests to ``app`` the proxy has answered, by its own metrics.
+
+    The proxy counts a request and then, in the same step (no await between),
+    logs its access line or not: once counted, its line is in the file or never
+    will be.
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{base_url}/-/metrics?scope=proxy", timeout=DEADLINE_S).text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "ray_serve_num_http_requests_total" and s.labels.get("application") == app
+    )
+
+
+def test_serve_start_logging_config_is_the_proxys(serve_home: Path) -> None:
+    serve.start(logging_config={"encoding": "JSON"})
+    try:
+        serve.run(apps.Chatty.bind(), name="sj", route_prefix="/sj")
+        r = httpx.get(f"{url()}/sj", headers={"x-request-id": "start-json-1"}, timeout=DEADLINE_S)
+        assert r.status_code == 200
+        (line,) = wait_for(
+            lambda: json_lines(log_file(serve_home, "proxy"), "start-json-1"),
+            "the proxy's JSON access line",
+            lambda: log_file(serve_home, "proxy").read_text(),
+        )
+        assert line["component_name"] == "proxy" and line["status"] == 200
+        assert (line["application"], line["route"]) == ("sj", "/sj")
+        # The instance's config is the proxy's: the application's replicas keep theirs (TEXT).
+        text = wait_for(log_once(serve_home, "sj", "Chatty", "GET /sj"), "the replica's line")
+        mine = lines_with(text, "start-json-1")
+        assert mine and not [line for line in mine if line.startswith("{")], mine
+    finally:
+        serve.shutdown()
+
+
+def test_enable_access_log_false_silences_the_proxy(serve_home: Path) -> None:
+    serve.start(logging_config={"enable_access_log": False})
+    try:
+        serve.run(apps.Chatty.bind(), name="sq", route_prefix="/sq")
+        base = url()
+        headers = {"x-request-id": "proxy-quiet-1"}
+        assert httpx.get(f"{base}/sq", headers=headers, timeout=DEADLINE_S).status_code == 200
+        wait_for(lambda: proxy_counted(base, "sq") >= 1, "the proxy counting the request")
+        text = log_file(serve_home, "proxy").read_text()
+        assert "proxy-quiet-1" not in text, text
+        assert "listening at" in text  # the proxy's other lines stay
+        # The replicas keep their access lines (their own logging_config).
+        wait_for(log_once(serve_home, "sq", "Chatty", "proxy-quiet-1"), "the replica's line")
+    finally:
+        serve.shutdown()
+
+
+def test_a_bad_logging_config_of_serve_start_is_refused(serve_home: Path) -> None:
+    with pytest.raises(ValueError, match="logging_config encoding must be TEXT or JSON"):
+        serve.start(logging_config={"encoding": "XML"})
+    assert not (serve_home / "latest").exists()  # nothing was started
+
+
+def test_trioserve_run_gives_the_files_logging_config_to_the_proxy(tmp_path: Path) -> None:
+    from tests.e2e.test_cli_run import Run
+
+    home = tmp_path / "home"
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "http_options: {host: 127.0.0.1, port: 0}\n"
+        "logging_config: {encoding: JSON}\n"
+        "applications:\n"
+        "  - name: greet\n"
+        "    route_prefix: /greet\n"
+        "    import_path: tests.apps.configured:greeter\n"
+    )
+    run = Run([str(config)], home)
+    try:
+        base = run.urls()["greet"]
+        r = httpx.get(base, headers={"x-request-id": "run-json-1"}, timeout=DEADLINE_S)
+        assert r.status_code == 200
+        proxy_log = home / "latest" / "logs" / "proxy.log"
+        (line,) = wait_for(
+            lambda: json_lines(proxy_log, "run-json-1"),
+            "the proxy's JSON access line",
+            lambda: proxy_log.read_text() if proxy_log.exists() else "(no proxy.log)",
+        )
+        assert line["component_name"] == "proxy" and line["application"] == "greet"
+        assert run.stop() == 0
+    finally:
+        run.kill()
+
+
+@pytest.fixture
+def daemon_home(tmp_path: Path) -> Iterator[Path]:
+    """A state dir for a daemon, shut down (and its processes gone) after the test."""
+    from tests.e2e.test_daemon import cli, daemon_pid
+    from trioserve.core.launcher import find_instance_processes
+
+    home = tmp_path / "home"
+    yield home
+    if (home / "daemon" / "daemon.json").exists():
+        cli(home, "shutdown", "-y")
+    for process in find_instance_processes(home / "daemon" / "secret"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGKILL)
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, ProcessLookupError):
+        os.kill(daemon_pid(home), signal.SIGKILL)
+
+
+def test_deploying_a_file_to_the_daemon_changes_the_proxys_logging_live(
+    daemon_home: Path, tmp_path: Path
+) -> None:
+    from tests.e2e.test_daemon import cli, running
+    from trioserve.core.launcher import find_instance_processes
+
+    home = daemon_home
+    started = cli(home, "start", "--admin-port", "0", "--http-port", "0")
+    assert started.returncode == 0, started.stderr
+    config = tmp_path / "serve.yaml"
+    app = (
+        "applications:\n"
+        "  - name: hello\n"
+        "    route_prefix: /hello\n"
+        "    import_path: tests.apps.daemon_app:app\n"
+    )
+    config.write_text("logging_config: {encoding: JSON}\n" + app)
+    deployed = cli(home, "deploy", str(config))
+    assert deployed.returncode == 0, deployed.stderr
+    doc = wait_for(lambda: running(home, "hello", 1), "hello RUNNING")
+    base = doc["http_url"]
+    proxy_log = home / "daemon" / "logs" / "proxy.log"
+
+    def proxies() -> set[int]:
+        secret = home / "daemon" / "secret"
+        return {p.pid for p in find_instance_processes(secret) if p.kind == "proxy"}
+
+    (proxy,) = proxies()
+    headers = {"x-request-id": "daemon-json-1"}
+    assert httpx.get(f"{base}/hello", headers=headers, timeout=DEADLINE_S).status_code == 200
+    (line,) = wait_for(
+        lambda: json_lines(proxy_log, "daemon-json-1"),
+        "the proxy's JSON access line",
+        lambda: proxy_log.read_text() if proxy_log.exists() else "(no proxy.log)",
+    )
+    assert line["application"] == "hello" and line["status"] == 200
+
+    # Another top-level logging_config: the running proxy takes it (the
+    # application's replicas too, as their default).
+    config.write_text("logging_config: {encoding: JSON, enable_access_log: false}\n" + app)
+    again = cli(home, "deploy", str(config))
+    assert again.returncode == 0, again.stderr
+    wait_for(
+        lambda: [
+            r
+            for r in json_lines(proxy_log, "logging_config:")
+            if '"enable_access_log": false' in r["message"]
+        ],
+        "the proxy applying the new logging_config",
+        lambda: proxy_log.read_text(),
+    )
+    headers = {"x-request-id": "daemon-quiet-1"}
+    assert httpx.get(f"{base}/hello", headers=headers, timeout=DEADLINE_S).status_code == 200
+    wait_for(lambda: proxy_counted(base, "hello") >= 2, "the proxy counting the request")
+    assert "daemon-quiet-1" not in proxy_log.read_text()
+    assert proxies() == {proxy}  # applied live: the same proxy process

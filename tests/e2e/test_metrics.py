@@ -1,9 +1,11 @@
 """Prometheus metrics end to end: real proxy, real replicas, ``/-/metrics`` over HTTP.
 
 One embedded instance serves every application of this module (the
-deployments live here; replicas import them by name). Each test sends its own
-requests to its own application and reads the counts of that application only,
-so the tests do not depend on each other's traffic.
+deployments live here; replicas import them by name). Each test reads the
+counts of its own application only, or, for an application other tests send
+requests to as well, counts its requests as the difference between a scrape
+before and one after them: the tests do not depend on each other's traffic or
+order.
 """
 
 from __future__ import annotations
@@ -140,34 +142,54 @@ def wait_until(predicate: Any, what: str) -> Any:
 
 
 def test_http_requests_by_route_application_method_and_status(url: str) -> None:
+    # Other tests of this module's instance send requests to /hello too (in any
+    # order): count this test's requests as differences between two scrapes.
+    before = scrape_replicas(url, "Hello", "Boom")
     with httpx.Client(base_url=url, timeout=DEADLINE_S) as client:
         for _ in range(3):
             assert client.get("/hello").status_code == 200
         assert client.post("/hello", content=b"x").status_code == 200
         for _ in range(2):
             assert client.get("/boom").status_code == 500
-    m = scrape_replicas(url, "Hello", "Boom")
     requests = "ray_serve_num_http_requests_total"
-    assert total(m, requests, route="/hello", application="hello", method="GET") == 3
-    assert total(m, requests, route="/hello", method="GET", status_code="200") == 3
-    assert total(m, requests, route="/hello", method="POST", status_code="200") == 1
-    assert total(m, requests, route="/boom", application="boom", status_code="500") == 2
+    processed = "ray_serve_deployment_request_counter_total"
+
+    def added_in(m: Samples, name: str, **labels: str) -> float:
+        return total(m, name, **labels) - total(before, name, **labels)
+
+    def counted() -> Samples | None:
+        m = scrape_replicas(url, "Hello", "Boom")
+        done = (
+            added_in(m, requests, route="/hello") >= 4
+            and added_in(m, requests, route="/boom") >= 2
+            and added_in(m, processed, deployment="Hello") >= 4
+        )
+        return m if done else None
+
+    m = wait_until(counted, "the counts of this test's requests")
+
+    def added(name: str, **labels: str) -> float:
+        return added_in(m, name, **labels)
+
+    assert added(requests, route="/hello", application="hello", method="GET") == 3
+    assert added(requests, route="/hello", method="GET", status_code="200") == 3
+    assert added(requests, route="/hello", method="POST", status_code="200") == 1
+    assert added(requests, route="/boom", application="boom", status_code="500") == 2
     latency = "ray_serve_http_request_latency_ms_count"
-    assert total(m, latency, route="/hello", application="hello") == 4
-    assert total(m, latency, route="/boom", status_code="500") == 2
-    assert total(m, "ray_serve_http_request_latency_ms_bucket", route="/hello", le="+Inf") == 4
+    assert added(latency, route="/hello", application="hello") == 4
+    assert added(latency, route="/boom", status_code="500") == 2
+    assert added("ray_serve_http_request_latency_ms_bucket", route="/hello", le="+Inf") == 4
     errors = "ray_serve_num_http_error_requests_total"
-    assert total(m, errors, route="/boom", error_code="500", application="boom") == 2
-    assert total(m, errors, route="/hello") == 0
-    assert total(m, "ray_serve_num_deployment_http_error_requests_total", deployment="Boom") == 2
+    assert added(errors, route="/boom", error_code="500", application="boom") == 2
+    assert added(errors, route="/hello") == 0
+    assert added("ray_serve_num_deployment_http_error_requests_total", deployment="Boom") == 2
     assert ("ray_serve_num_ongoing_http_requests", frozenset()) in m
 
     # The replicas' own counts, with their deployment and replica labels.
-    processed = "ray_serve_deployment_request_counter_total"
-    assert total(m, processed, application="hello", deployment="Hello", route="/hello") == 4
-    assert total(m, "ray_serve_deployment_error_counter_total", deployment="Boom") == 2
-    assert total(m, "ray_serve_deployment_error_counter_total", deployment="Hello") == 0
-    assert total(m, "ray_serve_deployment_processing_latency_ms_count", deployment="Hello") == 4
+    assert added(processed, application="hello", deployment="Hello", route="/hello") == 4
+    assert added("ray_serve_deployment_error_counter_total", deployment="Boom") == 2
+    assert added("ray_serve_deployment_error_counter_total", deployment="Hello") == 0
+    assert added("ray_serve_deployment_processing_latency_ms_count", deployment="Hello") == 4
     hello_replicas = {s["replica"] for s in series(m, processed, deployment="Hello")}
     assert len(hello_replicas) == 1 and all(hello_replicas)
     assert series(m, "ray_serve_replica_processing_queries", deployment="Boom")

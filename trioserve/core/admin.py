@@ -14,6 +14,7 @@ import base64
 import binascii
 import hmac
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,7 +28,7 @@ from starlette.routing import Route
 
 from trioserve.core.controller import Controller
 
-__all__ = ["ADMIN_PREFIX", "admin_app", "serve_admin"]
+__all__ = ["ADMIN_PREFIX", "admin_app", "bind_admin_socket", "serve_admin"]
 
 log = logging.getLogger("trioserve.admin")
 
@@ -91,12 +92,12 @@ def admin_app(
         if not isinstance(body, dict) or not isinstance(body.get("applications"), list):
             return _error(400, 'the body must be {"config": {...}, "applications": [...]}')
         try:
-            for digest, data in dict(body.get("blobs") or {}).items():
-                stored = await controller.put_blob(base64.b64decode(data, validate=True))
-                if stored != digest:
-                    return _error(400, f"blob {digest} has the digest {stored}")
+            blobs = {
+                str(digest): base64.b64decode(data, validate=True)
+                for digest, data in dict(body.get("blobs") or {}).items()
+            }
             outcome = await controller.deploy_config(
-                dict(body.get("config") or {}), body["applications"]
+                dict(body.get("config") or {}), body["applications"], blobs
             )
         except (ValueError, TypeError, KeyError, binascii.Error) as exc:
             return _error(400, f"{type(exc).__name__}: {exc}")
@@ -140,23 +141,11 @@ def admin_app(
     )
 
 
-async def serve_admin(
-    app: Any,
-    host: str,
-    port: int,
-    *,
-    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` with hypercorn on trio at ``host:port`` until cancelled.
+def bind_admin_socket(host: str, port: int) -> socket.socket:
+    """A listening socket for the admin API at ``host:port`` (0: a free port).
 
-    ``task_status.started`` gets the URL it listens at (``port`` 0 picks a
-    free one). Raises ``OSError`` when the port is taken.
+    Raises ``OSError`` when the port is taken, before anything else starts.
     """
-    import socket
-
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -167,7 +156,21 @@ async def serve_admin(
     except OSError:
         sock.close()
         raise
-    bound = sock.getsockname()[1]
+    return sock
+
+
+async def serve_admin(
+    app: Any,
+    sock: socket.socket,
+    *,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with hypercorn on trio on ``sock`` (see :func:`bind_admin_socket`)
+    until cancelled; ``task_status.started`` gets the URL."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    host, bound = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{bound}"
     config = Config()

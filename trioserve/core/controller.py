@@ -11,8 +11,9 @@ called from one worker thread), and:
   the **decisions**, and carries them out with its effectors: launch a
   process, ask a replica to drain or reconfigure, SIGTERM, SIGKILL;
 * health-checks every RUNNING replica each ``health_check_period_s``;
-* serves *long-poll*: data-plane processes ask for ``routes`` and
-  ``replicas/<app>/<deployment>`` newer than the version they hold, and get
+* serves *long-poll*: data-plane processes ask for ``routes``,
+  ``replicas/<app>/<deployment>`` and ``proxy_logging`` (the proxy's
+  ``logging_config``) newer than the version they hold, and get
   an answer as soon as one changes. A version is ``seq << VERSION_SHIFT``
   for a change made by the log event ``seq``, plus one for each change made
   since without a log event (a replica's multiplexed model ids, which it
@@ -37,6 +38,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -60,6 +62,7 @@ from trioserve.core.launcher import (
     Launcher,
     describe_exit,
 )
+from trioserve.core.logs import check_logging_config
 from trioserve.core.state import (
     Application,
     AppStatus,
@@ -119,6 +122,7 @@ class Controller:
         clock: Callable[[], float] = time.time,
         resources: Mapping[str, float] | None = None,
         http_options: HTTPOptions | None = None,
+        logging_config: Mapping[str, Any] | None = None,
         adopt: bool = False,
     ) -> None:
         self.log = log
@@ -134,6 +138,12 @@ class Controller:
             None if resources is None else {str(k): float(v) for k, v in resources.items()}
         )
         self.http_options = http_options if http_options and http_options.enabled else None
+        self.logging_config = (
+            None if logging_config is None else check_logging_config(logging_config)
+        )
+        """The instance's ``logging_config`` (``serve.start(logging_config=...)``), a
+        setting like ``http_options``: the proxy's, unless the config file deployed
+        last sets one (see :func:`_published_values`)."""
         self.adopt = adopt
         self.address = ""
         self._adopted_proxy: AdoptedProcess | None = None
@@ -687,7 +697,7 @@ class Controller:
             version = max(self.journal.seq << VERSION_SHIFT, self._version) + 1
         else:
             version = max(seq << VERSION_SHIFT, self._version + 1)
-        values = _published_values(self.state, self._models)
+        values = _published_values(self.state, self._models, self.logging_config)
         changed = False
         for key, value in values.items():
             old = self._published.get(key)
@@ -791,7 +801,10 @@ class Controller:
         return self.journal.seq
 
     async def deploy_config(
-        self, config: Mapping[str, Any], apps: Sequence[Mapping[str, Any]]
+        self,
+        config: Mapping[str, Any],
+        apps: Sequence[Mapping[str, Any]],
+        blobs: Mapping[str, bytes] | None = None,
     ) -> dict[str, list[str]]:
         """Make the applications those of a config file, as ``trioserve deploy`` does.
 
@@ -800,9 +813,12 @@ class Controller:
         application whose deployments, route prefix and ingress are those it
         runs already is left alone; applications the file does not name are
         deleted; ``config`` (the file, as given) is recorded for
-        ``trioserve config``. Everything is recorded at once, or nothing when
-        it is invalid (two applications with one route prefix). Returns the
-        names ``deployed``, ``unchanged`` and ``deleted``.
+        ``trioserve config``. ``blobs`` (digest to bytes: the pickled code
+        and arguments the specs refer to) are stored first. Everything is
+        checked before anything is stored or recorded: an ingress that is not
+        one of the application's deployments, two applications with one route
+        prefix, or a blob that does not match its digest raise ``ValueError``.
+        Returns the names ``deployed``, ``unchanged`` and ``deleted``.
         """
         wanted: dict[str, tuple[str | None, str, tuple[DeploymentSpec, ...]]] = {}
         for app in apps:
@@ -817,6 +833,11 @@ class Controller:
                 raise ValueError(f"application {name!r} appears twice")
             prefix = app.get("route_prefix", "/")
             ingress = str(app.get("ingress") or specs[-1].name)
+            if ingress not in {spec.name for spec in specs}:
+                raise ValueError(
+                    f"application {name!r}: the ingress {ingress!r} is not one of its "
+                    f"deployments ({', '.join(spec.name for spec in specs)})"
+                )
             wanted[name] = (None if prefix is None else str(prefix), ingress, specs)
         prefixes: dict[str, str] = {}
         for name, (prefix, _, _) in wanted.items():
@@ -827,6 +848,11 @@ class Controller:
                 )
             if prefix is not None:
                 prefixes[prefix] = name
+        for digest, data in (blobs or {}).items():
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ValueError(f"blob {digest} does not match its content")
+        for data in (blobs or {}).values():
+            await self.put_blob(data)
         outcome: dict[str, list[str]] = {"deployed": [], "unchanged": [], "deleted": []}
 
         def make(state: ClusterState) -> list[Event]:
@@ -1013,13 +1039,23 @@ def _state_of(state: ClusterState, replica: str) -> ReplicaState | None:
 
 
 def _published_values(
-    state: ClusterState, models: Mapping[str, Sequence[str]] | None = None
+    state: ClusterState,
+    models: Mapping[str, Sequence[str]] | None = None,
+    logging_config: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What long-poll serves: the route table, and each deployment's RUNNING
-    replicas, each with the multiplexed model ids it reported (``models``)."""
+    """What long-poll serves: the route table, each deployment's RUNNING
+    replicas, each with the multiplexed model ids it reported (``models``), and
+    ``proxy_logging``, the proxy's ``logging_config``: the top-level one of the
+    config file deployed last (``ConfigDeployed``), else the instance's
+    (``logging_config``), else nothing (the key is not published)."""
     models = models or {}
     routes: dict[str, Any] = {}
     values: dict[str, Any] = {"routes": routes}
+    deployed = (state.deployed_config or {}).get("logging_config")
+    if isinstance(deployed, Mapping):
+        values["proxy_logging"] = dict(deployed)
+    elif logging_config is not None:
+        values["proxy_logging"] = dict(logging_config)
     for app in state.apps.values():
         if app.route_prefix is not None and not app.deleting:
             routes[app.route_prefix] = {"app": app.name, "ingress": app.ingress}

@@ -38,6 +38,7 @@ from typing import Any
 
 from trioserve.core.config import AutoscalingConfig, ConfigError, DeploymentConfig
 from trioserve.core.events import DeploymentSpec
+from trioserve.core.logs import check_logging_config
 from trioserve.core.runtime_env import validate_runtime_env
 from trioserve.exceptions import warn_deprecated
 
@@ -84,13 +85,6 @@ RAY_ACTOR_OPTIONS = (
     "runtime_env",
     "accelerator_type",
     "object_store_memory",
-)
-LOGGING_CONFIG_FIELDS = (
-    "encoding",
-    "log_level",
-    "logs_dir",
-    "enable_access_log",
-    "additional_log_standard_attrs",
 )
 AUTO_NUM_REPLICAS_DEFAULTS = {
     "min_replicas": 1,
@@ -154,19 +148,9 @@ def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
             # and the working dir made absolute for a controller elsewhere.
             env = validate_runtime_env(actor["runtime_env"])
             out["ray_actor_options"] = {**actor, "runtime_env": env}
-    logging_config = out.get("logging_config")
-    if logging_config is not None:
-        if hasattr(logging_config, "dict") and not isinstance(logging_config, Mapping):
-            logging_config = logging_config.dict()
-        if not isinstance(logging_config, Mapping):
-            raise TypeError(f"logging_config must be a dict, got {logging_config!r}")
-        unknown = sorted(set(logging_config) - set(LOGGING_CONFIG_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"Unknown logging_config field(s) {', '.join(map(repr, unknown))}; valid "
-                f"fields are {', '.join(LOGGING_CONFIG_FIELDS)}."
-            )
-        out["logging_config"] = dict(logging_config)
+    if out.get("logging_config") is not None:
+        # Ray's fields, with TEXT/JSON and a real level: refused here, not in the replica.
+        out["logging_config"] = check_logging_config(out["logging_config"])
     if "version" in out and out["version"] is not None:
         if not isinstance(out["version"], str):
             raise TypeError(f"version must be a string, got {out['version']!r}")

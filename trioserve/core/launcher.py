@@ -44,7 +44,6 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.abc
-import anyio.to_thread
 
 from trioserve.core import runtime_env as runtime_env_mod
 
@@ -275,10 +274,11 @@ class LocalProcessLauncher:
         python: str = sys.executable,
         env: Mapping[str, str] | None = None,
     ) -> None:
-        self.run_dir = Path(run_dir)
+        # Absolute: children run in other folders (a runtime_env working_dir).
+        self.run_dir = Path(run_dir).absolute()
         self.log_dir = self.run_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.secret_file = str(secret_file)
+        self.secret_file = os.path.abspath(secret_file)
         self.embedded = embedded
         self.python = python
         self.env = dict(os.environ if env is None else env)
@@ -352,7 +352,7 @@ class LocalProcessLauncher:
         """Start the replica process; with ``gpu_ids`` it sees only those GPUs.
 
         ``runtime_env`` (see :mod:`trioserve.core.runtime_env`) is prepared
-        first, in a worker thread, its output in the replica's log file: a
+        first, cancellably, its output in the replica's log file: a
         pip environment's interpreter runs the replica, the working dir is its
         current directory and first ``sys.path`` entry, ``env_vars`` are set.
         A runtime env that cannot be prepared raises ``RuntimeEnvError``.
@@ -394,16 +394,14 @@ class LocalProcessLauncher:
     async def _prepare_runtime_env(
         self, name: str, runtime_env: Mapping[str, Any]
     ) -> runtime_env_mod.PreparedEnv:
-        def prepare() -> runtime_env_mod.PreparedEnv:
-            with open(self.log_file(name), "a") as log:
-                try:
-                    return runtime_env_mod.prepare(runtime_env, python=self.python, log=log)
-                except runtime_env_mod.RuntimeEnvError as exc:
-                    first = str(exc).splitlines()[0] if str(exc) else "failed"
-                    log.write(f"ERROR runtime_env -- {first} (the replica does not start)\n")
-                    raise
-
-        return await anyio.to_thread.run_sync(prepare)
+        # On the event loop, cancellably: a shutdown during a pip build kills pip.
+        with open(self.log_file(name), "a") as log:
+            try:
+                return await runtime_env_mod.prepare_async(runtime_env, python=self.python, log=log)
+            except runtime_env_mod.RuntimeEnvError as exc:
+                first = str(exc).splitlines()[0] if str(exc) else "failed"
+                log.write(f"ERROR runtime_env -- {first} (the replica does not start)\n")
+                raise
 
     async def start_proxy(self, controller: str, options: Mapping[str, object]) -> LaunchedProcess:
         """Start the HTTP proxy process with ``options`` (an ``HTTPOptions`` dict)."""

@@ -35,6 +35,9 @@ from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 __all__ = [
+    "ENCODINGS",
+    "LEVELS",
+    "LOGGING_CONFIG_FIELDS",
     "ContextFilter",
     "JSONFormatter",
     "TextFormatter",
@@ -46,6 +49,15 @@ __all__ = [
 ]
 
 ENCODINGS = ("TEXT", "JSON")
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOGGING_CONFIG_FIELDS = (
+    "encoding",
+    "log_level",
+    "logs_dir",
+    "enable_access_log",
+    "additional_log_standard_attrs",
+)
+"""The fields of Ray Serve's ``LoggingConfig``."""
 CONTEXT_FIELDS = ("application", "deployment", "replica", "request_id", "route")
 ACCESS_FIELDS = ("method", "status", "latency_ms")
 
@@ -192,16 +204,61 @@ def setup(
     return handler
 
 
-def check_logging_config(config: Mapping[str, Any] | None) -> None:
-    """Raise ValueError for an ``encoding`` or ``log_level`` that is not one."""
-    config = config or {}
+def check_logging_config(config: Any) -> dict[str, Any]:
+    """Validate a ``logging_config`` (a dict, Ray's ``LoggingConfig``, or None); return a dict.
+
+    Raises ValueError naming the field at fault and the values it may take
+    (an unknown field, an ``encoding`` other than TEXT or JSON, a
+    ``log_level`` that is not a logging level...), TypeError when it is not
+    a mapping at all. ``encoding`` and ``log_level`` names are accepted in
+    any case. Called where a config is declared (``@serve.deployment``,
+    ``.options``, ``serve.run``, ``serve.start``), so that a bad one is
+    refused there and not first noticed in a replica.
+    """
+    if config is None:
+        return {}
+    if hasattr(config, "dict") and not isinstance(config, Mapping):
+        config = config.dict()  # Ray's LoggingConfig (pydantic)
+    if not isinstance(config, Mapping):
+        raise TypeError(f"logging_config must be a dict, got {config!r}")
+    unknown = sorted(str(k) for k in set(config) - set(LOGGING_CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"Unknown logging_config field(s) {', '.join(map(repr, unknown))}; valid "
+            f"fields are {', '.join(LOGGING_CONFIG_FIELDS)}."
+        )
     encoding = config.get("encoding")
-    if encoding is not None and str(encoding).upper() not in ENCODINGS:
-        raise ValueError(f"logging_config encoding must be TEXT or JSON, got {encoding!r}")
+    if encoding is not None and (
+        not isinstance(encoding, str) or encoding.upper() not in ENCODINGS
+    ):
+        raise ValueError(f"logging_config encoding must be TEXT or JSON, got {encoding!r}.")
     level = config.get("log_level")
-    if level is not None and not isinstance(level, int):
-        if str(level).upper() not in logging.getLevelNamesMapping():
-            raise ValueError(f"logging_config log_level {level!r} is not a logging level")
+    if level is not None and (
+        isinstance(level, bool)
+        or not isinstance(level, (int, str))
+        or (isinstance(level, str) and level.upper() not in logging.getLevelNamesMapping())
+    ):
+        raise ValueError(
+            f"logging_config log_level {level!r} is not a logging level; use one of "
+            f"{', '.join(LEVELS)} (or a level number)."
+        )
+    access = config.get("enable_access_log")
+    if access is not None and not isinstance(access, bool):
+        raise ValueError(f"logging_config enable_access_log must be True or False, got {access!r}.")
+    attrs = config.get("additional_log_standard_attrs")
+    if attrs is not None and (
+        isinstance(attrs, str)
+        or not isinstance(attrs, (list, tuple, set, frozenset))
+        or not all(isinstance(a, str) for a in attrs)
+    ):
+        raise ValueError(
+            "logging_config additional_log_standard_attrs must be a list of LogRecord "
+            f"attribute names (funcName, lineno, process...), got {attrs!r}."
+        )
+    logs_dir = config.get("logs_dir")
+    if logs_dir is not None and not isinstance(logs_dir, (str, os.PathLike)):
+        raise ValueError(f"logging_config logs_dir must be a folder path, got {logs_dir!r}.")
+    return dict(config)
 
 
 def apply_logging_config(config: Mapping[str, Any] | None) -> None:
@@ -215,10 +272,9 @@ def apply_logging_config(config: Mapping[str, Any] | None) -> None:
     file of the run folder).
     """
     global _access_log, _file_handler
-    config = dict(config or {})
     try:
-        check_logging_config(config)
-    except ValueError as exc:
+        config = check_logging_config(config)
+    except (ValueError, TypeError) as exc:
         logging.getLogger("trioserve").warning("ignoring logging_config: %s", exc)
         return
     level = config.get("log_level")

@@ -38,7 +38,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
-import anyio.to_thread
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -370,12 +369,15 @@ class EventCounts:
 
 
 _counts: weakref.WeakKeyDictionary[Any, EventCounts] = weakref.WeakKeyDictionary()
-_read_limiter: anyio.CapacityLimiter | None = None
 
 
 async def _event_counts(controller: Any) -> list[Metric]:
-    """The counters of ``controller``'s log, read incrementally since the last scrape."""
-    global _read_limiter
+    """The counters of ``controller``'s log, read incrementally since the last scrape.
+
+    The read goes through the controller's ``_db`` (its one database worker
+    thread), as every other use of the log's connection does: an in-memory
+    SQLite log has a single connection, which two threads must never use at once.
+    """
     counts = _counts.get(controller)
     if counts is None:
         counts = _counts[controller] = EventCounts()
@@ -389,12 +391,7 @@ async def _event_counts(controller: Any) -> list[Metric]:
             return [(s.seq, s.event) for s in event_log.read(after=after, upto=upto)]
 
         try:
-            if str(event_log.where).startswith("sqlite:"):
-                pairs = read()  # in-memory SQLite: one connection, the loop's thread only
-            else:
-                if _read_limiter is None:
-                    _read_limiter = anyio.CapacityLimiter(1)
-                pairs = await anyio.to_thread.run_sync(read, limiter=_read_limiter)
+            pairs: list[tuple[int, ev.Event]] = await controller._db(read)
             counts.catch_up(pairs)
         except Exception as exc:
             log.warning("cannot read the event log for metrics: %s", exc)

@@ -29,8 +29,10 @@ filters uploads to a cluster, which trioserve never makes). Any other key is
 refused with the list of supported ones.
 
 :func:`validate_runtime_env` runs when a deployment is declared (pure checks
-plus file-system existence); :func:`prepare` runs in the launcher, in a worker
-thread, before the replica process starts.
+plus file-system existence); :func:`prepare_async` runs in the launcher, on its
+event loop, before the replica process starts: pip and the venv creation run as
+subprocesses that a cancellation kills, and a builder waiting for another's
+file lock polls it, so that a shutdown never waits for a build.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ import collections
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -51,9 +55,12 @@ import sysconfig
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import anyio
+import anyio.to_thread
 
 __all__ = [
     "IGNORED_KEYS",
@@ -65,6 +72,8 @@ __all__ = [
     "parent_site_dirs",
     "pip_env_digest",
     "prepare",
+    "prepare_async",
+    "run_command",
     "validate_runtime_env",
 ]
 
@@ -156,7 +165,9 @@ def _check_working_dir(working_dir: Any) -> str:
     )
 
 
-def _check_pip(pip: Any) -> list[str]:
+def _check_pip(pip: Any) -> list[str] | dict[str, list[str]]:
+    """The requirements; with ``pip_install_options``, ``{"packages", "pip_install_options"}``
+    (kept apart: the options are not requirements, and their order matters)."""
     if isinstance(pip, Mapping):
         unknown = sorted(set(pip) - {"packages", "pip_check", "pip_version", "pip_install_options"})
         if unknown:
@@ -167,7 +178,14 @@ def _check_pip(pip: Any) -> list[str]:
         options = pip.get("pip_install_options") or []
         if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
             raise RuntimeEnvError("runtime_env pip pip_install_options must be a list of str")
-        return _check_pip(packages) + list(options) if options else _check_pip(packages)
+        requirements = _pip_requirements(packages)
+        if options and requirements:
+            return {"packages": requirements, "pip_install_options": list(options)}
+        return requirements
+    return _pip_requirements(pip)
+
+
+def _pip_requirements(pip: Any) -> list[str]:
     if isinstance(pip, (str, os.PathLike)):
         path = Path(pip).expanduser()
         if not path.is_file():
@@ -205,9 +223,10 @@ class PreparedEnv:
 
 
 def cache_dir() -> Path:
-    """``<state dir>/cache``: ``$TRIOSERVE_HOME`` or ``~/.trioserve``."""
-    home = os.environ.get("TRIOSERVE_HOME")
-    return (Path(home) if home else Path.home() / ".trioserve") / "cache"
+    """``<state dir>/cache`` (the state dir of :func:`trioserve.instance.state_home`)."""
+    from trioserve.instance import state_home
+
+    return state_home() / "cache"
 
 
 def prepare(
@@ -216,21 +235,42 @@ def prepare(
     python: str = sys.executable,
     log: IO[str] | None = None,
 ) -> PreparedEnv:
-    """Make ``runtime_env`` ready; blocking (run it in a worker thread).
+    """:func:`prepare_async` on an event loop of its own; blocking (for a thread or a script)."""
+    return anyio.run(functools.partial(prepare_async, runtime_env, python=python, log=log))
+
+
+async def prepare_async(
+    runtime_env: Mapping[str, Any] | None,
+    *,
+    python: str = sys.executable,
+    log: IO[str] | None = None,
+) -> PreparedEnv:
+    """Make ``runtime_env`` ready, without blocking the event loop.
 
     Extracts a zipped working dir and builds the pip environment (their output
-    and progress written to ``log``). Raises :class:`RuntimeEnvError`.
+    and progress written to ``log``). Cancellable: a cancelled build kills the
+    processes it started (their whole process group), leaves nothing in the
+    cache, and a builder waiting for another's file lock stops waiting.
+    Raises :class:`RuntimeEnvError`.
     """
     checked = validate_runtime_env(runtime_env)
     working_dir = checked.get("working_dir")
     if working_dir is not None and os.path.isfile(working_dir):
-        working_dir = str(_extract_zip(Path(working_dir), log))
+        working_dir = str(await _extract_zip(Path(working_dir), log))
     venv_python = None
     if checked.get("pip"):
-        venv_python = str(_pip_env(checked["pip"], python, log))
+        packages, options = _pip_parts(checked["pip"])
+        venv_python = str(await _pip_env(packages, python, log, options))
     return PreparedEnv(
         env_vars=dict(checked.get("env_vars", {})), working_dir=working_dir, python=venv_python
     )
+
+
+def _pip_parts(pip: Any) -> tuple[list[str], list[str]]:
+    """``(packages, pip_install_options)`` of a validated ``pip`` value."""
+    if isinstance(pip, Mapping):
+        return list(pip["packages"]), list(pip.get("pip_install_options") or [])
+    return list(pip), []
 
 
 def _say(log: IO[str] | None, message: str) -> None:
@@ -240,12 +280,29 @@ def _say(log: IO[str] | None, message: str) -> None:
         log.flush()
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (between processes and threads alike)."""
+LOCK_POLL_S = 0.1
+"""How often a builder waiting for another's file lock tries to take it again."""
+
+
+@contextlib.asynccontextmanager
+async def _locked(path: Path, log: IO[str] | None = None, what: str = "") -> AsyncIterator[None]:
+    """An exclusive ``flock`` on ``path`` (between processes and threads alike).
+
+    Waited for without blocking the event loop, and cancellably: a non-blocking
+    attempt, repeated every :data:`LOCK_POLL_S` while another holds it.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    waiting = True
+                    _say(log, f"waiting for {what or path.stem}: another process is making it")
+                await anyio.sleep(LOCK_POLL_S)
         try:
             yield
         finally:
@@ -260,36 +317,49 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _extract_zip(archive: Path, log: IO[str] | None) -> Path:
+async def _extract_zip(archive: Path, log: IO[str] | None) -> Path:
     """Extract ``archive`` once into the cache; the working dir inside it."""
-    digest = _file_digest(archive)
+    digest = await anyio.to_thread.run_sync(_file_digest, archive)
     root = cache_dir() / "working_dir" / digest
     done = root / ".complete"
     if not done.exists():
-        with _locked(root.parent / f"{digest}.lock"):
+        async with _locked(root.parent / f"{digest}.lock", log, f"working_dir {digest}"):
             if not done.exists():
-                _say(log, f"extracting working_dir {archive} into {root}")
-                if root.exists():
-                    shutil.rmtree(root)
-                tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root.parent))
-                try:
-                    with zipfile.ZipFile(archive) as z:
-                        z.extractall(tmp)  # zipfile drops absolute and ".." parts
-                    tmp.rename(root)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                done.write_text(str(archive))
+                await anyio.to_thread.run_sync(_unzip, archive, root, log)
     entries = [p for p in root.iterdir() if p.name != ".complete" and p.name != "__MACOSX"]
     if len(entries) == 1 and entries[0].is_dir():
         return entries[0]
     return root
 
 
-def pip_env_digest(requirements: Sequence[str], python: str = sys.executable) -> str:
-    """The cache key of a pip environment: the sorted requirements and the base interpreter."""
-    key = json.dumps({"pip": sorted(requirements), "python": os.path.abspath(python)})
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+def _unzip(archive: Path, root: Path, log: IO[str] | None) -> None:
+    """Extract ``archive`` into ``root`` (through a temporary folder), then mark it complete."""
+    _say(log, f"extracting working_dir {archive} into {root}")
+    if root.exists():
+        shutil.rmtree(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)  # zipfile drops absolute and ".." parts
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    (root / ".complete").write_text(str(archive))
+
+
+def pip_env_digest(
+    requirements: Sequence[str],
+    python: str = sys.executable,
+    install_options: Sequence[str] = (),
+) -> str:
+    """The cache key of a pip environment: the requirements (sorted: their order
+    does not matter), pip's install options (apart, and in their order: it may
+    matter) and the base interpreter."""
+    key: dict[str, Any] = {"pip": sorted(requirements), "python": os.path.abspath(python)}
+    if install_options:
+        key["pip_install_options"] = list(install_options)
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
 
 
 def parent_site_dirs() -> list[str]:
@@ -305,6 +375,9 @@ def parent_site_dirs() -> list[str]:
     return dirs
 
 
+_ANSWER = "trioserve-answer: "
+"""The prefix of the line that carries a query's answer (whatever else the interpreter prints)."""
+
 _SITE_QUERY = (
     "import json, os, site, sysconfig\n"
     "p = sysconfig.get_paths()\n"
@@ -312,67 +385,112 @@ _SITE_QUERY = (
     "c += [site.getusersitepackages()] if site.ENABLE_USER_SITE else []\n"
     "out = []\n"
     "[out.append(d) for d in c if d and os.path.isdir(d) and d not in out]\n"
-    "print(json.dumps(out))\n"
+    f"print({_ANSWER!r} + json.dumps(out))\n"
 )
+_PURELIB_QUERY = f"import sysconfig; print({_ANSWER!r} + sysconfig.get_paths()['purelib'])"
 
 
-def _run(argv: Sequence[str], log: IO[str] | None, tail: collections.deque[str]) -> int:
-    """Run ``argv``; its output line by line to ``log`` and ``tail``; its exit code."""
-    process = subprocess.Popen(
+async def run_command(argv: Sequence[str], on_line: Callable[[str], object]) -> int:
+    """Run ``argv``, each line of its output (stdout and stderr) to ``on_line``; its exit code.
+
+    It runs in a process group of its own. Cancelled, the whole group is killed
+    (pip's own children too) and the process reaped before the cancellation
+    goes on.
+    """
+    process = await anyio.open_process(
         list(argv),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHONPATH": ""},
+        start_new_session=True,
     )
-    assert process.stdout is not None
-    with process.stdout:
-        for line in process.stdout:
-            tail.append(line.rstrip("\n"))
-            if log is not None:
-                log.write(line)
-                log.flush()
-    return process.wait()
+    try:
+        assert process.stdout is not None
+        pending = b""
+        async for chunk in process.stdout:
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                on_line(line.decode(errors="replace"))
+        if pending:
+            on_line(pending.decode(errors="replace"))
+        return await process.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        raise
+    finally:
+        with anyio.CancelScope(shield=True):
+            await process.aclose()
+
+
+async def _run(argv: Sequence[str], log: IO[str] | None, tail: collections.deque[str]) -> int:
+    """:func:`run_command`, its output line by line to ``log`` and ``tail``."""
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        if log is not None:
+            log.write(line + "\n")
+            log.flush()
+
+    return await run_command(argv, on_line)
+
+
+async def _ask(python: str, code: str, tail: collections.deque[str]) -> tuple[int, str | None]:
+    """Run ``code`` with ``python``: its exit code and answer (other output goes to ``tail``)."""
+    lines: list[str] = []
+    exit_code = await run_command([python, "-c", code], lines.append)
+    answers = [line[len(_ANSWER) :] for line in lines if line.startswith(_ANSWER)]
+    tail.extend(line for line in lines if not line.startswith(_ANSWER))
+    return exit_code, answers[-1] if answers else None
 
 
 def _venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def _pip_env(requirements: Sequence[str], python: str, log: IO[str] | None) -> Path:
+async def _pip_env(
+    requirements: Sequence[str],
+    python: str,
+    log: IO[str] | None,
+    install_options: Sequence[str] = (),
+) -> Path:
     """The python of the environment with ``requirements``, built if need be."""
-    digest = pip_env_digest(requirements, python)
+    digest = pip_env_digest(requirements, python, install_options)
+    described = " ".join([*install_options, *requirements])
     root = cache_dir() / "pip" / digest
     venv = root / "venv"
     done = root / "complete.json"
     if done.exists():
-        _say(log, f"reusing pip environment {digest} ({', '.join(requirements)})")
+        _say(log, f"reusing pip environment {digest} ({described})")
         return _venv_python(venv)
-    with _locked(cache_dir() / "pip" / f"{digest}.lock"):
+    async with _locked(cache_dir() / "pip" / f"{digest}.lock", log, f"pip environment {digest}"):
         if done.exists():
-            _say(log, f"reusing pip environment {digest} ({', '.join(requirements)})")
+            _say(log, f"reusing pip environment {digest} ({described})")
             return _venv_python(venv)
-        _say(log, f"building pip environment {digest} in {venv}: {' '.join(requirements)}")
+        _say(log, f"building pip environment {digest} in {venv}: {described}")
         started = time.monotonic()
         if root.exists():
             shutil.rmtree(root)  # what a failed or interrupted build left
         root.mkdir(parents=True)
         tail: collections.deque[str] = collections.deque(maxlen=PIP_TAIL_LINES)
         try:
-            _build(venv, requirements, python, log, tail)
+            await _build(venv, requirements, install_options, python, log, tail)
         except BaseException:
             shutil.rmtree(root, ignore_errors=True)
             raise
-        done.write_text(json.dumps({"pip": list(requirements), "python": python}) + "\n")
+        record = {"pip": list(requirements), "python": python}
+        if install_options:
+            record["pip_install_options"] = list(install_options)
+        done.write_text(json.dumps(record) + "\n")
         _say(log, f"built pip environment {digest} in {time.monotonic() - started:.1f}s")
     return _venv_python(venv)
 
 
-def _build(
+async def _build(
     venv: Path,
     requirements: Sequence[str],
+    install_options: Sequence[str],
     python: str,
     log: IO[str] | None,
     tail: collections.deque[str],
@@ -383,39 +501,27 @@ def _build(
             f"runtime_env pip: {what} failed (exit code {code}) for {list(requirements)}:\n{lines}"
         )
 
-    code = _run([python, "-m", "venv", "--system-site-packages", str(venv)], log, tail)
+    code = await _run([python, "-m", "venv", "--system-site-packages", str(venv)], log, tail)
     if code != 0:
         raise fail("creating the virtual environment", code)
     # A venv made from a venv's python sees the *base* interpreter's packages,
     # not the parent venv's: add the launching interpreter's site-packages
     # (processing their .pth files, so editable installs work), after its own.
-    out = subprocess.run(
-        [python, "-c", _SITE_QUERY],
-        capture_output=True,
-        text=True,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "PYTHONPATH": ""},
-    )
-    query = [
-        str(_venv_python(venv)),
-        "-c",
-        "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-    ]
-    own = subprocess.run(query, capture_output=True, text=True, check=False)
-    if out.returncode != 0 or own.returncode != 0:
-        tail.extend((out.stderr + own.stderr).splitlines())
-        raise fail("inspecting the interpreters", out.returncode or own.returncode)
-    parents = [d for d in json.loads(out.stdout) if d != own.stdout.strip()]
+    code, parents_json = await _ask(python, _SITE_QUERY, tail)
+    own_code, own = await _ask(str(_venv_python(venv)), _PURELIB_QUERY, tail)
+    if parents_json is None or own is None:
+        raise fail("inspecting the interpreters", code or own_code)
+    parents = [d for d in json.loads(parents_json) if d != own]
     lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in parents)
-    Path(own.stdout.strip(), "_trioserve_parent.pth").write_text(lines)
-    code = _run(
+    Path(own, "_trioserve_parent.pth").write_text(lines)
+    code = await _run(
         [
             str(_venv_python(venv)),
             "-m",
             "pip",
             "install",
             "--disable-pip-version-check",
+            *install_options,
             *requirements,
         ],
         log,

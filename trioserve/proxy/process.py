@@ -5,8 +5,10 @@ Started by the controller through a launcher, never by hand. In order, it:
 1. binds the HTTP socket itself (``host``/``port`` of ``HTTPOptions``; port 0
    picks a free one), so that a port already taken is reported as such:
    ``proxy_start_failed`` to the controller, then exit code 1;
-2. subscribes to the controller's ``routes`` by long-poll, and to the replica
-   sets of the ingress deployments as requests need them (the same
+2. subscribes to the controller's ``proxy_logging`` (the instance's
+   ``logging_config``, applied live: see :func:`_apply_logging_config`) and
+   ``routes`` by long-poll, and to the replica sets of the ingress
+   deployments as requests need them (the same
    :class:`~trioserve.core.routing.Routers` handles use);
 3. serves :class:`~trioserve.proxy.app.ProxyApp` with hypercorn on the
    ``event_loop`` of the options (asyncio with uvloop, or trio), and reports
@@ -29,6 +31,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -45,9 +48,9 @@ __all__ = ["GRACEFUL_TIMEOUT_S", "LOGGING_CONFIG_ENV", "main"]
 log = logging.getLogger("trioserve.proxy")
 
 LOGGING_CONFIG_ENV = "TRIOSERVE_PROXY_LOGGING_CONFIG"
-"""The proxy's ``logging_config`` (Ray's fields, as JSON), from its environment:
-``HTTPOptions`` has no logging fields, so the proxy reads it from the variable
-of that name the controller's process was started with."""
+"""The proxy's ``logging_config`` (Ray's fields, as JSON) when the instance has
+none (no ``serve.start(logging_config=...)``, no top-level ``logging_config``
+in the config file): read from the environment of the controller's process."""
 
 GRACEFUL_TIMEOUT_S = 20.0
 """How long requests in flight may take to finish once the proxy is told to stop."""
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     """Run the proxy until it is told to stop; exits the process."""
     args = _parse(argv)
     logs.setup("proxy", {}, file_name="proxy.log")
-    _apply_logging_config(os.environ.get(LOGGING_CONFIG_ENV))
+    env_logging = _env_logging_config(os.environ.get(LOGGING_CONFIG_ENV))
+    _apply_logging_config(env_logging)
     options = HTTPOptions.from_dict(json.loads(args.options))
     if args.lifeline_fd is not None:
         threading.Thread(
@@ -90,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
                     secret,
                     options,
                     sock,
+                    env_logging,
                     backend_options=asyncio_backend_options(),
                 )
             else:
-                anyio.run(_run, args.controller, secret, options, sock, backend="trio")
+                anyio.run(_run, args.controller, secret, options, sock, env_logging, backend="trio")
         except KeyboardInterrupt:
             pass
         except BaseException:
@@ -104,18 +109,29 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(code)
 
 
-def _apply_logging_config(value: str | None) -> None:
-    """Apply the ``logging_config`` (JSON) of :data:`LOGGING_CONFIG_ENV`, if any."""
+def _env_logging_config(value: str | None) -> dict[str, Any] | None:
+    """The ``logging_config`` (JSON) of :data:`LOGGING_CONFIG_ENV`, if any and valid."""
     if not value:
-        return
+        return None
     try:
         config = json.loads(value)
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-    except ValueError as exc:
+        return logs.check_logging_config(config)
+    except (ValueError, TypeError) as exc:
         log.warning("ignoring %s: %s", LOGGING_CONFIG_ENV, exc)
-        return
-    logs.apply_logging_config(config)
+        return None
+
+
+def _apply_logging_config(config: Mapping[str, Any] | None) -> None:
+    """Make ``config`` the proxy's whole logging config: the fields it leaves out
+    go back to their defaults (INFO, TEXT, access lines on, no extra
+    attributes, the run folder's file), so a config replacing another takes
+    nothing from it."""
+    full = dict(config or {})
+    if full.get("log_level") is None:
+        full["log_level"] = "INFO"
+    logs.apply_logging_config(full)
 
 
 def _bind(options: HTTPOptions) -> socket.socket:
@@ -151,7 +167,13 @@ async def _report_failure(controller: str, secret: bytes, error: str) -> None:
         log.warning("cannot tell the controller: %s", exc)
 
 
-async def _run(controller: str, secret: bytes, options: HTTPOptions, sock: socket.socket) -> None:
+async def _run(
+    controller: str,
+    secret: bytes,
+    options: HTTPOptions,
+    sock: socket.socket,
+    env_config: dict[str, Any] | None = None,
+) -> None:
     from hypercorn.config import Config
 
     instance = InstanceAddress(controller, secret)
@@ -160,6 +182,16 @@ async def _run(controller: str, secret: bytes, options: HTTPOptions, sock: socke
     app = ProxyApp(routers.get, options, ProxyMetrics(routers))
     seen = anyio.Event()
     stop = anyio.Event()
+
+    applied: list[Any] = [env_config]
+
+    def on_logging(value: Any) -> None:
+        # None: the instance has no logging_config (any more): the environment's.
+        config = dict(value) if isinstance(value, Mapping) else env_config
+        if config != applied[0]:
+            applied[0] = config
+            _apply_logging_config(config)
+            log.info("logging_config: %s", json.dumps(config or {}, sort_keys=True))
 
     def on_routes(value: Any) -> None:
         nonlocal seen
@@ -178,6 +210,8 @@ async def _run(controller: str, secret: bytes, options: HTTPOptions, sock: socke
 
     async with anyio.create_task_group() as tg:
         await tg.start(routers.run)
+        # Before routes: the proxy logs by the instance's config once it routes.
+        routers.long_poll.subscribe("proxy_logging", on_logging)
         routers.long_poll.subscribe("routes", on_routes)
         tg.start_soon(_signals, stop, app)
         served = anyio.Event()
