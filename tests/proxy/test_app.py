@@ -42,8 +42,14 @@ def test_no_route_matches_without_a_root_application() -> None:
     assert match_route({}, "/") is None
 
 
+FOLLOWED: list[tuple[str, str]] = []
+
+
 def no_router(app: str, deployment: str) -> Any:
-    raise AssertionError("the proxy's own paths must not route")
+    """A proxy follows each route's replica set as the route table arrives; a test
+    with this router sends nothing that routes to a replica."""
+    FOLLOWED.append((app, deployment))
+    return None
 
 
 def client(app: ProxyApp) -> httpx.AsyncClient:
@@ -58,9 +64,12 @@ async def test_healthz_and_routes_are_503_until_an_application_is_exposed() -> N
             assert (r.status_code, r.text) == (503, "Route table is not populated yet.")
         app.update_routes({})  # only applications without a route prefix
         assert (await c.get("/-/healthz")).status_code == 503
+        FOLLOWED.clear()
         app.update_routes({"/a": {"app": "ay", "ingress": "A"}})
+        assert FOLLOWED == [("ay", "A")]  # its replica set, before any request needs it
         r = await c.get("/-/healthz")
         assert (r.status_code, r.text) == (200, "success")
+        assert FOLLOWED == [("ay", "A")]  # the proxy's own paths route nowhere
         app.draining = True
         for path in ("/-/healthz", "/-/routes"):
             r = await c.get(path)

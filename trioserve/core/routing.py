@@ -54,6 +54,7 @@ from trioserve.exceptions import (
 )
 
 __all__ = [
+    "ADMITTED",
     "Channel",
     "InstanceAddress",
     "LongPollClient",
@@ -439,8 +440,11 @@ class Router:
         inputs with :meth:`Channel.send` and iterates over the replies.
         """
         async with self._open("handle_asgi", meta, *args, model_id=_model_of(meta)) as opened:
-            replica, items, _ = opened
-            yield Channel(self, replica, items)
+            replica, items, first = opened
+            # A request sent whole (``meta["complete"]``) is answered at once,
+            # without ADMITTED first: the first item is already the answer.
+            answer = None if first is None or first[0] == ADMITTED else first
+            yield Channel(self, replica, items, answer)
 
     @contextlib.asynccontextmanager
     async def _open(
@@ -508,14 +512,26 @@ def _for_model(candidates: list[_Replica], model_id: str, now: float) -> list[_R
     return [r for r, n in zip(candidates, counts, strict=True) if n == fewest]
 
 
+ADMITTED = {"type": "trioserve.admitted"}
+"""The first item of a replica's ``handle_asgi`` when the request's body is still to
+come: the replica took the request, the proxy may send the body."""
+
+
 class Channel:
     """A two-way stream to one replica, opened by :meth:`Router.channel`."""
 
-    def __init__(self, router: Router, replica: _Replica, items: rpc.Stream) -> None:
+    def __init__(
+        self,
+        router: Router,
+        replica: _Replica,
+        items: rpc.Stream,
+        first: tuple[Any] | None = None,
+    ) -> None:
         self._router = router
         self.replica_id = replica.id
         self._replica = replica
         self._items = items
+        self._first = first
 
     async def send(self, value: Any) -> None:
         """Send one input; raises :class:`~trioserve.exceptions.ReplicaDiedError`
@@ -528,6 +544,8 @@ class Channel:
 
     async def __aiter__(self) -> AsyncIterator[Any]:
         """The replies, in order; :class:`~trioserve.exceptions.ReplicaDiedError` if it dies."""
+        if self._first is not None:
+            yield self._first[0]
         try:
             async for item in self._items:
                 yield item

@@ -30,6 +30,8 @@ array whose first element is the message type:
              From the callee: it read ``n`` inputs; the caller may send more
 ``INPUT``    ``[7, id, value]``: one item from the caller to a running stream
              whose method takes an inbox (see :func:`takes_inbox`)
+``LAST``     ``[8, id, value]``: the last item of a stream and its end, in one
+             frame (the generator yielded :class:`Last`)
 ==========  =========================================================
 
 A stream never has more than ``window`` chunks in flight, so a slow reader
@@ -63,6 +65,7 @@ from typing import Any, Self
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgpack
 
 __all__ = [
@@ -77,6 +80,7 @@ __all__ = [
     "RemoteTraceback",
     "RpcError",
     "Inbox",
+    "Last",
     "Server",
     "Stream",
     "connect",
@@ -102,7 +106,23 @@ READ_SIZE = 256 * 1024
 WRITE_TIMEOUT_S = 60.0
 """How long one frame may take to write (the peer not reading) before the connection closes."""
 
-CALL, RESULT, ERROR, CANCEL, CHUNK, END, CREDIT, INPUT = range(8)
+CALL, RESULT, ERROR, CANCEL, CHUNK, END, CREDIT, INPUT, LAST = range(9)
+
+
+class Last:
+    """Yield ``Last(value)`` from a streaming method to end the stream with ``value``.
+
+    The caller gets ``value`` and the end of the stream in one frame, and the
+    generator is closed right after (its ``finally`` runs): one frame and one
+    write fewer than a last item followed by the end.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 _EXT_PICKLE = 1
 _EXT_TUPLE = 2
 _LENGTH = struct.Struct(">I")
@@ -266,6 +286,11 @@ class _FrameStream:
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self._send_lock = anyio.Lock()
+        self._pending: list[bytes] = []
+        """Frames (lengths and bodies) waiting for the writer."""
+        self._batch = _Batch()
+        """The batch the pending frames go out with."""
+        self._writing = False
 
     async def read_exactly(self, n: int) -> bytes:
         while len(self._buf) < n:
@@ -306,25 +331,75 @@ class _FrameStream:
             await self.stream.send(data)
 
     async def write_frame(self, message: list[Any]) -> None:
+        """Send one frame, whole; returns once it is handed to the transport.
+
+        Frames written while another write is under way are sent together
+        with the next one (one system call for many frames under load); a
+        frame goes out whole or the connection closes, even if the writer is
+        cancelled meanwhile.
+        """
         body = pack(message)
         if len(body) > self.max_frame_size:
             raise FrameTooLarge(
                 f"a message of {len(body)} bytes is over the frame limit of "
                 f"{self.max_frame_size} bytes"
             )
-        header = _LENGTH.pack(len(body))
-        parts = (header + body,) if len(body) < 65536 else (header, body)
-        async with self._send_lock:
-            # A frame goes out whole or the connection closes: a cancellation
-            # halfway through would leave the peer a length with no body.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT_S) as timer:
-                for part in parts:
-                    await self.stream.send(part)
-            if timer.cancelled_caught:
-                await anyio.aclose_forcefully(self.stream)
-                raise anyio.BrokenResourceError(
-                    f"a frame could not be written within {WRITE_TIMEOUT_S} s; connection closed"
-                )
+        self._pending.append(_LENGTH.pack(len(body)))
+        self._pending.append(body)
+        batch = self._batch
+        if self._writing:
+            # The writer sends this frame with its next batch; wait for that.
+            with anyio.CancelScope(shield=True):
+                await batch.sent.wait()
+            if batch.error is not None:
+                raise anyio.BrokenResourceError(batch.error)
+            return
+        self._writing = True
+        try:
+            # One turn of the event loop first: frames other tasks write in this
+            # turn (replies to concurrent calls, say) join this write.
+            with anyio.CancelScope(shield=True):
+                await anyio.lowlevel.checkpoint()
+            while self._pending:
+                parts, self._pending = self._pending, []
+                batch, self._batch = self._batch, _Batch()
+                data = b"".join(parts)
+                # A frame goes out whole or the connection closes: a cancellation
+                # halfway through would leave the peer a length with no body.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT_S) as timer:
+                    try:
+                        await self.stream.send(data)
+                    except Exception as exc:
+                        batch.error = f"the connection failed: {exc!r}"
+                if timer.cancelled_caught:
+                    batch.error = (
+                        f"a frame could not be written within {WRITE_TIMEOUT_S} s; "
+                        "connection closed"
+                    )
+                batch.sent.set()
+                if batch.error is not None:
+                    self._fail_pending(batch.error)
+                    await anyio.aclose_forcefully(self.stream)
+                    raise anyio.BrokenResourceError(batch.error)
+        finally:
+            self._writing = False
+
+    def _fail_pending(self, error: str) -> None:
+        """Frames queued behind a failed write will never go out: tell their writers."""
+        self._pending = []
+        batch, self._batch = self._batch, _Batch()
+        batch.error = error
+        batch.sent.set()
+
+
+class _Batch:
+    """Frames sent with one write; ``sent`` is set once it is done (``error``: it failed)."""
+
+    __slots__ = ("error", "sent")
+
+    def __init__(self) -> None:
+        self.sent = anyio.Event()
+        self.error: str | None = None
 
 
 # ---------------------------------------------------------------------------- addresses
@@ -423,6 +498,8 @@ class Stream:
         self._finished = True
         self._input_credit.add(self._window)  # wake a sender; it sees the stream is over
         self._conn._calls.pop(self._id, None)
+        if kind == LAST:
+            return value
         if kind == END:
             raise StopAsyncIteration
         raise _error_from_payload(value)
@@ -536,9 +613,9 @@ class Connection:
                         target.done.set()
                     elif isinstance(target, Stream):
                         target._deliver(kind, value)
-                elif kind in (CHUNK, END):
+                elif kind in (CHUNK, END, LAST):
                     if isinstance(target, Stream):
-                        target._deliver(kind, message[2] if kind == CHUNK else None)
+                        target._deliver(kind, None if kind == END else message[2])
                 elif kind == CREDIT:
                     if isinstance(target, Stream):
                         target._input_credit.add(int(message[2]))
@@ -877,6 +954,9 @@ class _ServerConnection:
             try:
                 async for item in agen:
                     await credit.take()
+                    if isinstance(item, Last):
+                        await self._reply([LAST, call_id, item.value])
+                        return  # the `finally` closes the generator
                     await self._reply([CHUNK, call_id, item])
             finally:
                 aclose = getattr(agen, "aclose", None)
@@ -888,6 +968,9 @@ class _ServerConnection:
             try:
                 for item in iterator:
                     await credit.take()
+                    if isinstance(item, Last):
+                        await self._reply([LAST, call_id, item.value])
+                        return
                     await self._reply([CHUNK, call_id, item])
             finally:  # run a generator's `finally` now, not when it is collected
                 close = getattr(iterator, "close", None)

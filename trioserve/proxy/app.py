@@ -41,7 +41,7 @@ import anyio
 from trioserve.core import logs
 from trioserve.core.config import HTTPOptions
 from trioserve.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from trioserve.core.routing import Router
+from trioserve.core.routing import Channel, Router
 from trioserve.exceptions import (
     BackPressureError,
     DeploymentUnavailableError,
@@ -119,9 +119,13 @@ class ProxyApp:
         self.draining = False
 
     def update_routes(self, value: Mapping[str, Any] | None) -> None:
-        """Take the route table the controller published."""
+        """Take the route table the controller published, and follow the replica
+        sets of its ingress deployments from now on: if the controller goes away,
+        the proxy still knows where every route's replicas are."""
         self.routes = dict(value or {})
         self.routes_known = True
+        for route in self.routes.values():
+            self.router_for(route["app"], route["ingress"])
 
     # ------------------------------------------------------------------ ASGI
 
@@ -243,38 +247,70 @@ class ProxyApp:
         if _header(scope, b"x-request-id") is None:
             headers.append([b"x-request-id", request_id.encode()])
         out_scope["headers"] = headers
-        meta = {"request_id": request_id, "method": "__call__", "route": prefix}
+        meta: dict[str, Any] = {"request_id": request_id, "method": "__call__", "route": prefix}
         model_id = _header(scope, MODEL_ID_HEADER)
         if model_id:  # routed to replicas that hold the model; serve.get_multiplexed_model_id()
             meta["multiplexed_model_id"] = model_id
         state = _Relay(send, request_id, scope["type"])
         timeout = self.options.request_timeout_s
+        received = 0
+        if scope["type"] == "http":
+            # The first body message goes with the call; a whole body (a GET, a
+            # small POST) lets the replica answer at once, in one round trip.
+            try:
+                with anyio.fail_after(timeout):
+                    first = await receive()
+            except TimeoutError:
+                text = f"Request {request_id} timed out after {timeout}s."
+                return await self._refuse(scope, send, 408, text, request_id)
+            if first["type"] != "http.request":
+                log.info("%s: the client disconnected; the request was cancelled", request_id)
+                return CANCELLED
+            received = len(first.get("body", b""))
+            if received > limit:
+                return await self._refuse(
+                    scope, send, 413, f"Request body over the limit of {limit} bytes.", request_id
+                )
+            meta["request"] = dict(first)
+            meta["complete"] = not first.get("more_body", False)
+        complete = bool(meta.get("complete"))
         try:
             with anyio.fail_after(timeout):
-                async with router.channel(meta, out_scope) as channel:
-                    async with anyio.create_task_group() as tg:
+                async with anyio.create_task_group() as tg:
 
-                        async def pump() -> None:
-                            received = 0
-                            while True:
-                                message = await receive()
-                                if message["type"] == "http.request":
-                                    received += len(message.get("body", b""))
-                                    if received > limit:
-                                        raise _TooLarge
+                    async def pump(channel: Channel | None) -> None:
+                        """Relay the rest of the body, and a disconnect, to the replica."""
+                        nonlocal received
+                        while True:
+                            message = await receive()
+                            if message["type"] == "http.request":
+                                received += len(message.get("body", b""))
+                                if received > limit:
+                                    raise _TooLarge
+                            if channel is not None:
                                 await channel.send(dict(message))
-                                if message["type"] in ("http.disconnect", "websocket.disconnect"):
-                                    # After the whole response, a disconnect is the
-                                    # normal end: background tasks in the app go on.
-                                    if scope["type"] == "http" and not state.finished:
-                                        state.client_gone = True
-                                        tg.cancel_scope.cancel()
-                                    return
+                            if message["type"] in ("http.disconnect", "websocket.disconnect"):
+                                # After the whole response, a disconnect is the
+                                # normal end: background tasks in the app go on.
+                                if scope["type"] == "http" and not state.finished:
+                                    state.client_gone = True
+                                    tg.cancel_scope.cancel()
+                                return
 
-                        tg.start_soon(pump)
-                        async for message in channel:
-                            await state.send(message)
-                        tg.cancel_scope.cancel()
+                    if complete:
+                        # Only a disconnect can come now: watch for it while the
+                        # replica works, so that leaving cancels the work.
+                        tg.start_soon(pump, None)
+                    async with router.channel(meta, out_scope) as channel:
+                        if not complete:
+                            tg.start_soon(pump, channel)
+                        async for item in channel:
+                            if isinstance(item, list):  # start and body, in one frame
+                                for message in item:
+                                    await state.send(message)
+                            else:
+                                await state.send(item)
+                    tg.cancel_scope.cancel()
         except Exception as raised:
             error = _unwrap(raised)
             if isinstance(error, TimeoutError):

@@ -46,10 +46,12 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import anyio.to_thread
 
 from trioserve.core import logs, rpc
 from trioserve.core.config import DeploymentConfig
+from trioserve.core.routing import ADMITTED
 from trioserve.exceptions import RayServeException, ReplicaRejected
 from trioserve.replica import metrics
 
@@ -443,10 +445,19 @@ class ReplicaHost:
     async def handle_asgi(
         self, inbox: rpc.Inbox, meta: Mapping[str, Any], scope: Mapping[str, Any]
     ) -> AsyncIterator[Any]:
-        """Run the deployment's ASGI app on one request from the proxy (see the module doc)."""
+        """Run the deployment's ASGI app on one request from the proxy (see the module doc).
+
+        ``meta["request"]``, when given, is the request's first ASGI message,
+        sent with the call; with ``meta["complete"]`` it holds the whole body,
+        and the replica starts with the app's answer instead of
+        :data:`~trioserve.core.routing.ADMITTED`. ``http.response.start`` goes
+        out together with the first body message when the app sends both at
+        once, and the final body ends the stream (:class:`~trioserve.core.rpc.Last`).
+        """
         with self._admit(meta) as outcome:
             _request.set(_request_context(meta))
-            yield ADMITTED
+            if not meta.get("complete"):
+                yield ADMITTED
             app = self.asgi_app
             disconnect = {
                 "type": "websocket.disconnect"
@@ -455,9 +466,13 @@ class ReplicaHost:
                 "code": 1006,
             }
             closed = False
+            first = meta.get("request")
+            pending = [first] if first is not None else []
 
             async def receive() -> Any:
                 nonlocal closed
+                if pending:
+                    return pending.pop()
                 if closed:
                     return disconnect
                 try:
@@ -492,21 +507,41 @@ class ReplicaHost:
                 raise RuntimeError("the replica host has no task group to run ASGI apps in")
             started = time.monotonic()
             status = 0
+            answered = False
+            """The whole response went out: the app may go on (background tasks)."""
             self.task_group.start_soon(run_app)
             try:
                 async with outbox:
                     async for message in outbox:
-                        if message.get("type") == "http.response.start":
+                        kind = message.get("type")
+                        if kind == "http.response.start":
                             status = int(message.get("status", 200))
-                        elif message.get("type") == "websocket.accept":
+                            # Give the app a turn to send its body: both go out in one frame.
+                            await anyio.lowlevel.checkpoint()
+                            with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+                                message = [message, outbox.receive_nowait()]
+                        elif kind == "websocket.accept":
                             status = 101
+                        last = message[-1] if isinstance(message, list) else message
+                        if last.get("type") == "http.response.body" and not last.get(
+                            "more_body", False
+                        ):
+                            answered = True
+                            yield rpc.Last(message)  # the generator is closed here
+                            return
                         yield message
                 if app_error:
                     raise app_error[0]
             finally:
-                app_scope.cancel()
+                if not answered:
+                    app_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await app_done.wait()
+                if answered and app_error:
+                    log.error(
+                        "the app failed after its response was sent",
+                        exc_info=app_error[0],
+                    )
                 outcome.failed = status >= 500
                 if logs.access_log_enabled():
                     logs.access(
@@ -609,10 +644,6 @@ class _Outcome:
 
     def __init__(self) -> None:
         self.failed = False
-
-
-ADMITTED = {"type": "trioserve.admitted"}
-"""The first item of ``handle_asgi``: the replica took the request."""
 
 
 def _takes_argument(fn: Callable[..., Any]) -> bool:
