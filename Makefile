@@ -44,11 +44,9 @@ sim-ci: $(VENV)/.installed-test
 sim: $(VENV)/.installed-test
 	HYPOTHESIS_PROFILE=long $(BIN)/pytest simulations -q -p no:cacheprovider
 
+# The whole suite: one Markdown table on stdout (progress on stderr); see benchmarks/__main__.py.
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m benchmarks.controller
-	$(BIN)/python -m benchmarks.rpc
-	$(BIN)/python -m benchmarks.handles
-	$(BIN)/python -m benchmarks.http
+	$(BIN)/python -m benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

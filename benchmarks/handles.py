@@ -9,6 +9,8 @@ a Markdown table of:
   sequential ``Connection.call("handle_request", ...)`` to the same replica
   from a trio loop: the RPC floor without routing, response objects or the
   thread hop.
+* **asyncio, 1,000 in flight** (in the suite only, :func:`records`) - the same
+  from an asyncio program.
 * **trio, 1,000 in flight** - calls/s of 1,000 tasks awaiting
   ``handle.remote()`` at once in a trio program, beside 1,000 bare RPC calls
   in flight on one connection.
@@ -21,21 +23,24 @@ Each figure is the median of several runs after a warm-up.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 
 import anyio
 import trio
 
 import trioserve as serve
+from benchmarks.records import Record
 from benchmarks.table import Row, markdown
 from simulations.scale import median_time
 from trioserve.core import rpc
 from trioserve.core.routing import current_instance
 from trioserve.handle import DeploymentHandle
 
-__all__ = ["main"]
+__all__ = ["main", "records"]
 
 
 @serve.deployment(max_ongoing_requests=1000)
@@ -112,6 +117,93 @@ def _bare_in_flight(address: str, n: int, depth: int) -> None:
                     tg.start_soon(one)
 
     trio.run(go)
+
+
+def _asyncio_in_flight(handle: DeploymentHandle, n: int, depth: int) -> None:
+    async def go() -> None:
+        limiter = asyncio.Semaphore(depth)
+
+        async def one() -> None:
+            async with limiter:
+                await handle.remote()
+
+        await asyncio.gather(*(one() for _ in range(n)))
+
+    asyncio.run(go())
+
+
+def records(quick: bool = False) -> list[Record]:
+    """The suite's handle figures, each beside the bare RPC (or one hop) in the same run."""
+    sequential, in_flight, depth, runs = (500, 2000, 1000, 1) if quick else (2000, 5000, 1000, 3)
+    os.environ.setdefault("TRIOSERVE_HOME", tempfile.mkdtemp(prefix="trioserve-bench-"))
+    try:
+        handle = serve.run(NoOp.bind(), name="noop", route_prefix=None)
+        front = serve.run(Front.bind(NoOp.bind()), name="two", route_prefix=None)
+        address = _replica_address("noop", "NoOp")
+        _sync_sequential(handle, 200)  # warm-up: connections, routers
+        _bare_sequential(address, 200)
+        _trio_in_flight(handle, depth, depth)
+        _asyncio_in_flight(handle, depth, depth)
+        _sync_sequential(front, 200)
+
+        def rate(fn: Callable[[], None], n: int) -> float:
+            seconds, _, _ = median_time(fn, runs)
+            return n / seconds
+
+        sync = rate(lambda: _sync_sequential(handle, sequential), sequential)
+        bare = rate(lambda: _bare_sequential(address, sequential), sequential)
+        trio_flight = rate(lambda: _trio_in_flight(handle, in_flight, depth), in_flight)
+        aio_flight = rate(lambda: _asyncio_in_flight(handle, in_flight, depth), in_flight)
+        bare_flight = rate(lambda: _bare_in_flight(address, in_flight, depth), in_flight)
+        two = rate(lambda: _sync_sequential(front, sequential), sequential)
+    finally:
+        serve.shutdown()
+    note = f"{in_flight:,} calls, median of {runs}"
+    return [
+        Record(
+            "Handles",
+            "sync driver, sequential `.remote().result()`",
+            sync,
+            "calls/s",
+            "bare RPC call to the replica, sequential",
+            bare,
+            target="> 2,000 calls/s",
+            met=sync > 2000,
+            key="handle_sync_sequential",
+        ),
+        Record(
+            "Handles",
+            f"asyncio driver, {depth:,} in flight",
+            aio_flight,
+            "calls/s",
+            f"bare RPC, {depth:,} in flight on one connection",
+            bare_flight,
+            target="> 5,000 calls/s",
+            met=aio_flight > 5000,
+            note=note,
+            key="handle_async_in_flight",
+        ),
+        Record(
+            "Handles",
+            f"trio driver, {depth:,} in flight",
+            trio_flight,
+            "calls/s",
+            f"bare RPC, {depth:,} in flight on one connection",
+            bare_flight,
+            target="> 5,000 calls/s",
+            met=trio_flight > 5000,
+            note=note,
+        ),
+        Record(
+            "Handles",
+            "two hops (ingress awaits model), sync sequential",
+            two,
+            "calls/s",
+            "one hop, sync sequential",
+            sync,
+            key="handle_two_hops_sequential",
+        ),
+    ]
 
 
 def _rate(n: int, seconds: float) -> str:
