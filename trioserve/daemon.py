@@ -54,7 +54,7 @@ from trioserve.core.controller import Controller
 from trioserve.core.deployment import BuiltApp
 from trioserve.core.launcher import LocalProcessLauncher, detect_resources
 from trioserve.exceptions import RayServeException
-from trioserve.instance import http_options_from, state_home
+from trioserve.instance import http_options_from, point_latest, state_home
 from trioserve.store import EventLog
 
 __all__ = [
@@ -197,6 +197,7 @@ async def serve_daemon(
     folder = daemon_dir(home)
     folder.mkdir(parents=True, exist_ok=True)
     lock = _take_lock(folder)
+    point_latest(home, Path(folder.name))  # the log tools read this daemon's log by default
     try:
         # The admin port first: if it is taken, nothing has started (and no
         # process a previous daemon left running has been adopted, or stopped).

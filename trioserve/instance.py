@@ -50,6 +50,7 @@ __all__ = [
     "http_options_from",
     "new_run_dir",
     "open_instance",
+    "point_latest",
     "state_home",
 ]
 
@@ -112,13 +113,19 @@ def new_run_dir(home: str | os.PathLike[str] | None = None) -> Path:
         n += 1
         run_dir = runs / f"{stamp}-{os.getpid()}-{n}"
     run_dir.mkdir()
+    point_latest(root, Path("runs") / run_dir.name)
+    return run_dir
+
+
+def point_latest(root: Path, target: Path) -> None:
+    """Point ``root/latest`` at ``target`` (relative to ``root``), atomically: the
+    folder the log tools read when given no ``--log``."""
     link = root / "latest"
     temp = root / f".latest-{os.getpid()}"
     with contextlib.suppress(FileNotFoundError):
         temp.unlink()
-    os.symlink(Path("runs") / run_dir.name, temp)
+    os.symlink(target, temp)
     os.replace(temp, link)
-    return run_dir
 
 
 class Client:

@@ -298,7 +298,8 @@ def test_sigkill_of_the_controller_under_traffic_loses_no_request(
         traffic.wait_for_more(50)
     assert traffic.failures == []
 
-    shown = cli(home, "log", "show", "--log", str(home / "daemon"), "--kind", "ReplicaAdopted")
+    # `latest` is the daemon's folder since its start: no --log needed.
+    shown = cli(home, "log", "show", "--kind", "ReplicaAdopted")
     assert shown.stdout.count("ReplicaAdopted") == 3  # two, then the survivor again
     verified = cli(home, "log", "verify", "--log", str(home / "daemon"))
     assert verified.returncode == 0, verified.stdout + verified.stderr
