@@ -3,7 +3,6 @@ controller recovery after SIGKILL while traffic flows (real processes, real HTTP
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -11,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,17 +78,9 @@ def write_config(path: Path, apps: list[dict[str, Any]]) -> Path:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
+def home(daemon_home: Path) -> Path:
     """A state dir whose daemon (and every process of it) is gone after the test."""
-    root = tmp_path / "home"
-    yield root
-    if (root / "daemon" / "daemon.json").exists():
-        cli(root, "shutdown", "-y")
-    for process in find_instance_processes(root / "daemon" / "secret"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, ProcessLookupError):
-        os.kill(daemon_pid(root), signal.SIGKILL)
+    return daemon_home
 
 
 def start(home: Path) -> subprocess.CompletedProcess[str]:

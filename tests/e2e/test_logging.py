@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -289,23 +286,6 @@ def test_trioserve_run_gives_the_files_logging_config_to_the_proxy(tmp_path: Pat
         assert run.stop() == 0
     finally:
         run.kill()
-
-
-@pytest.fixture
-def daemon_home(tmp_path: Path) -> Iterator[Path]:
-    """A state dir for a daemon, shut down (and its processes gone) after the test."""
-    from tests.e2e.test_daemon import cli, daemon_pid
-    from trioserve.core.launcher import find_instance_processes
-
-    home = tmp_path / "home"
-    yield home
-    if (home / "daemon" / "daemon.json").exists():
-        cli(home, "shutdown", "-y")
-    for process in find_instance_processes(home / "daemon" / "secret"):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(process.pid, signal.SIGKILL)
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, ProcessLookupError):
-        os.kill(daemon_pid(home), signal.SIGKILL)
 
 
 def test_deploying_a_file_to_the_daemon_changes_the_proxys_logging_live(

@@ -507,8 +507,7 @@ class ReplicaHost:
                 raise RuntimeError("the replica host has no task group to run ASGI apps in")
             started = time.monotonic()
             status = 0
-            answered = False
-            """The whole response went out: the app may go on (background tasks)."""
+            answered = False  # the whole response went out: the app may go on (background tasks)
             self.task_group.start_soon(run_app)
             try:
                 async with outbox:
