@@ -244,6 +244,20 @@ def test_cancelling_the_awaiting_task_cancels_the_request(gated, tmp_path: Path)
     assert not marker(call, "finished").exists()
 
 
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+# The routers' tasks that the ending loop cancels before they ever ran warn so.
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_a_request_still_pending_when_its_loop_ends_is_cancelled(gated, tmp_path, library):
+    # The program returns right after .remote(): the loop ends before the
+    # request's task (or even the handle's routers) ever ran.
+    async def main():
+        return gated.hold.remote(str(tmp_path / "call"))
+
+    response = anyio.run(main, backend=library)
+    with pytest.raises(RequestCancelledError):
+        response.result(timeout_s=DEADLINE_S)
+
+
 def test_handle_pickles_by_name():
     handle = DeploymentHandle("Model", "app").options(method_name="predict", stream=True)
     again = pickle.loads(pickle.dumps(handle))

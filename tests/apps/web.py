@@ -32,7 +32,10 @@ async def wait_for_file(path: str, timeout_s: float = 60.0) -> None:
 
 
 def touch(path: str, text: str = "") -> None:
-    Path(path).write_text(text)
+    """Create ``path`` holding ``text``, whole: a reader never sees it empty."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 @serve.deployment
@@ -105,13 +108,19 @@ class Slow:
 
 @serve.deployment
 class Chunks:
-    """Streams ``first``, waits for ``gate``, then streams ``last`` (also as SSE)."""
+    """Streams ``first``, waits for ``gate``, then streams ``last`` (also as SSE).
+
+    With ``before``, it waits for that file before its first chunk too.
+    """
 
     async def __call__(self, request: Request) -> StreamingResponse:
         gate = request.query_params["gate"]
+        before = request.query_params.get("before")
         sse = request.query_params.get("sse") == "1"
 
         async def produce() -> Any:
+            if before:
+                await wait_for_file(before)
             yield "data: first\n\n" if sse else "first;"
             await wait_for_file(gate)
             yield "data: last\n\n" if sse else "last"

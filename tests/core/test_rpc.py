@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import logging
 import os
 import random
 import socket
@@ -852,5 +853,157 @@ def test_sending_after_the_stream_ended_neither_blocks_nor_fails(backend: str) -
                 assert [item async for item in replies] == []
                 for word in ["late"] * 10:  # more than the window: would block before
                     await replies.send(word)
+
+    run(backend, body)
+
+
+# ------------------------------------------------- methods that send their own replies
+
+
+@rpc.takes_inbox
+async def push_each(inbox: rpc.Inbox, items: list[Any], last: Any = None) -> None:
+    """Send ``items`` one by one, then ``last`` with the end of the stream (if not None)."""
+    for item in items:
+        await inbox.send(item)
+    if last is not None:
+        await inbox.send_last(last)
+
+
+def test_a_method_that_sends_its_replies_streams_them_in_order(backend: str) -> None:
+    async def body() -> None:
+        async with (
+            serving({"push": push_each}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            async with await conn.stream("push", [1, "two", (3,)], "end") as replies:
+                assert [item async for item in replies] == [1, "two", (3,), "end"]
+            # Returning without a last item ends the stream after what was sent.
+            async with await conn.stream("push", ["a", "b"]) as replies:
+                assert [item async for item in replies] == ["a", "b"]
+            async with await conn.stream("push", [], "only") as replies:
+                assert [item async for item in replies] == ["only"]
+
+    run(backend, body)
+
+
+def test_a_method_that_sends_its_replies_is_held_to_the_window(backend: str) -> None:
+    window = 4
+    total = 30
+
+    async def body() -> None:
+        sent = 0
+        filled = anyio.Event()
+
+        @rpc.takes_inbox
+        async def numbers(inbox: rpc.Inbox) -> None:
+            nonlocal sent
+            for i in range(total):
+                await inbox.send(i)
+                sent += 1
+                if sent == window:
+                    filled.set()
+
+        async with (
+            serving({"numbers": numbers}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            async with await conn.stream("numbers", _window=window) as replies:
+                await filled.wait()
+                await anyio.wait_all_tasks_blocked()
+                assert sent == window  # no credit until the caller reads
+                assert [item async for item in replies] == list(range(total))
+
+    run(backend, body)
+
+
+def test_an_error_before_the_last_reply_reaches_the_caller_after_the_replies(
+    backend: str,
+) -> None:
+    async def body() -> None:
+        @rpc.takes_inbox
+        async def fail(inbox: rpc.Inbox) -> None:
+            await inbox.send("first")
+            raise AppError("half way")
+
+        async with (
+            serving({"fail": fail}) as (_, address),
+            rpc.connect(address, SECRET) as conn,
+        ):
+            got = []
+            with pytest.raises(AppError, match="half way"):
+                async with await conn.stream("fail") as replies:
+                    async for item in replies:
+                        got.append(item)
+            assert got == ["first"]
+
+    run(backend, body)
+
+
+def test_a_method_goes_on_after_its_last_reply_even_once_the_caller_left(
+    backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def body() -> None:
+        release = anyio.Event()
+        finished = anyio.Event()
+        seen: list[str] = []
+
+        @rpc.takes_inbox
+        async def answer_then_work(inbox: rpc.Inbox) -> None:
+            await inbox.send_last("answer")
+            with pytest.raises(anyio.ClosedResourceError):
+                await inbox.send("more")
+            seen.extend([item async for item in inbox])  # the inbox is closed now
+            try:
+                await release.wait()
+                seen.append("worked on")
+            except anyio.get_cancelled_exc_class():
+                seen.append("cancelled")
+                raise
+            finally:
+                finished.set()
+            raise AppError("after the end")
+
+        async with serving({"work": answer_then_work}) as (_, address):
+            async with rpc.connect(address, SECRET) as conn:
+                async with await conn.stream("work") as replies:
+                    assert [item async for item in replies] == ["answer"]
+            # The connection is closed: the method still runs to its end.
+            release.set()
+            await finished.wait()
+            assert seen == ["worked on"]
+
+    with caplog.at_level(logging.ERROR, logger="trioserve.rpc"):
+        run(backend, body)
+    (record,) = [r for r in caplog.records if "failed after its stream ended" in r.getMessage()]
+    assert record.exc_info is not None and isinstance(record.exc_info[1], AppError)
+
+
+@pytest.mark.parametrize("how", ["caller leaves", "connection drops"])
+def test_a_method_that_sends_its_replies_is_cancelled_when_the_caller_goes(
+    backend: str, how: str
+) -> None:
+    async def body() -> None:
+        cancelled = anyio.Event()
+
+        @rpc.takes_inbox
+        async def forever(inbox: rpc.Inbox) -> None:
+            try:
+                i = 0
+                while True:
+                    await inbox.send(i)
+                    i += 1
+            except anyio.get_cancelled_exc_class():
+                cancelled.set()
+                raise
+
+        async with serving({"forever": forever, "echo": echo}) as (_, address):
+            async with rpc.connect(address, SECRET) as conn:
+                async with await conn.stream("forever", _window=2) as replies:
+                    assert await replies.__anext__() == 0
+                    if how == "connection drops":
+                        await conn.aclose()
+                await cancelled.wait()
+            async with rpc.connect(address, SECRET) as conn:
+                assert await conn.call("echo", "next") == "next"
 
     run(backend, body)

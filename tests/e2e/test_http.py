@@ -195,6 +195,18 @@ def test_streaming_response_arrives_chunk_by_chunk(
         assert r.headers["content-type"].startswith("text/event-stream")
 
 
+def test_a_streaming_response_starts_before_its_first_chunk(served: Served, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    params = {"gate": str(gate), "before": str(gate)}
+    # The replica waits for the gate before its first chunk: the status and
+    # headers reach the client without waiting for it.
+    with served.client.stream("GET", "/chunks", params=params) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/plain")
+        gate.touch()
+        assert r.read() == b"first;last"
+
+
 def test_a_returned_generator_streams(served: Served) -> None:
     assert served.client.get("/gen").text == "0,1,2,"
 

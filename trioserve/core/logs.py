@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -103,7 +104,25 @@ class ContextFilter(logging.Filter):
         return True
 
 
-class TextFormatter(logging.Formatter):
+class _Formatter(logging.Formatter):
+    """``logging.Formatter`` whose default time format is made once per second, not per record."""
+
+    _second: tuple[int, str] = (-1, "")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        if datefmt:
+            return super().formatTime(record, datefmt)
+        created = int(record.created)
+        second = self._second  # one tuple: threads may format with this formatter at once
+        if second[0] != created:
+            second = (created, time.strftime(self.default_time_format, self.converter(created)))
+            self._second = second
+        if self.default_msec_format:
+            return self.default_msec_format % (second[1], record.msecs)
+        return second[1]
+
+
+class TextFormatter(_Formatter):
     """``LEVEL time <component fields> [request id] -- message``, as Ray Serve's."""
 
     def __init__(
@@ -134,7 +153,7 @@ class TextFormatter(logging.Formatter):
         return True
 
 
-class JSONFormatter(logging.Formatter):
+class JSONFormatter(_Formatter):
     """One JSON object per line, with Ray Serve's field names."""
 
     def __init__(self, extra_attrs: tuple[str, ...] = ()) -> None:
@@ -325,11 +344,30 @@ def access(
 
     Call it only when :func:`access_log_enabled`.
     """
-    logger.info(
+    access_line(
+        logger,
         "%s %s %s %.1fms",
-        method,
-        path,
-        status,
-        latency_ms,
-        extra={"method": method, "status": status, "latency_ms": round(latency_ms, 3), **fields},
+        (method, path, status, latency_ms),
+        {"method": method, "status": status, "latency_ms": round(latency_ms, 3), **fields},
     )
+
+
+def access_line(
+    logger: logging.Logger, msg: str, args: tuple[Any, ...], extra: Mapping[str, Any]
+) -> None:
+    """``logger.info(msg, *args, extra=extra)``, without looking up the caller: the
+    record names :func:`access` as where it was made (an access line's caller
+    is no news). For the proxy's and replicas' per-request lines."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    if logging._srcfile:
+        where = _ACCESS_CALLER
+    else:  # the application turned caller lookup off
+        where = ("(unknown file)", 0, "(unknown function)")
+    record = logger.makeRecord(
+        logger.name, logging.INFO, where[0], where[1], msg, args, None, where[2], extra
+    )
+    logger.handle(record)
+
+
+_ACCESS_CALLER = (access.__code__.co_filename, access.__code__.co_firstlineno, "access")

@@ -339,54 +339,87 @@ class Router:
             raise BackPressureError(
                 num_queued_requests=self.queued, max_queued_requests=self.max_queued_requests
             )
+        if self.known:
+            # Most requests find room at once: they never count as queued.
+            chosen = self._pick(model_id)
+            if chosen is not None:
+                return chosen
         self.queued += 1
         if self.queued == 1 and not self.replicas and self.on_first_queued is not None:
             self.on_first_queued()  # scale from zero: tell the controller now
         try:
             step = 0.005
             while True:
-                if self.known:
-                    self._check_available()
-                    now = anyio.current_time()
-                    limit = self.max_ongoing_requests
-                    candidates = [
-                        r
-                        for r in self.replicas.values()
-                        if r.inflight < limit and r.unreachable_until <= now and r.skip_until <= now
-                    ]
-                    if candidates:
-                        if model_id:
-                            candidates = _for_model(candidates, model_id, now)
-                        if len(candidates) == 1:
-                            chosen = candidates[0]
-                        else:
-                            a, b = self.rng.sample(candidates, 2)
-                            chosen = a if a.inflight <= b.inflight else b
-                        if model_id and not chosen.holds(model_id, now):
-                            chosen.hints = {m: t for m, t in chosen.hints.items() if t > now}
-                            chosen.hints[model_id] = now + MODEL_HINT_TTL_S
-                        chosen.inflight += 1
-                        self._at_address[chosen.address] += 1
-                        return chosen
                 changed = self._changed
                 self._waiting += 1
                 try:
-                    with anyio.move_on_after(step):
+                    if self.known:  # look again now and then: backoffs run out unannounced
+                        with anyio.move_on_after(step):
+                            await changed.wait()
+                        step = min(step * 2, WAIT_STEP_MAX_S)
+                    else:  # only the first replica set can change anything
                         await changed.wait()
                 finally:
                     self._waiting -= 1
-                step = min(step * 2, WAIT_STEP_MAX_S)
+                if self.known:
+                    chosen = self._pick(model_id)
+                    if chosen is not None:
+                        return chosen
         finally:
             self.queued -= 1
 
+    def _pick(self, model_id: str) -> _Replica | None:
+        """Reserve a slot at a replica with room now (power of two choices), if any."""
+        self._check_available()
+        limit = self.max_ongoing_requests
+        now = 0.0
+        timed = False  # the clock is read only when a replica is backed off, or for a model
+        candidates = []
+        for r in self.replicas.values():
+            if r.inflight >= limit:
+                continue
+            if r.unreachable_until or r.skip_until:
+                if not timed:
+                    now, timed = anyio.current_time(), True
+                if r.unreachable_until > now or r.skip_until > now:
+                    continue
+                r.unreachable_until = r.skip_until = 0.0  # both are over
+            candidates.append(r)
+        if not candidates:
+            return None
+        if model_id:
+            if not timed:
+                now = anyio.current_time()
+            candidates = _for_model(candidates, model_id, now)
+        n = len(candidates)
+        if n == 1:
+            chosen = candidates[0]
+        else:
+            rng = self.rng
+            i = int(rng.random() * n)
+            j = int(rng.random() * (n - 1))
+            a, b = candidates[i], candidates[j + 1 if j >= i else j]
+            chosen = a if a.inflight <= b.inflight else b
+        if model_id and not chosen.holds(model_id, now):
+            chosen.hints = {m: t for m, t in chosen.hints.items() if t > now}
+            chosen.hints[model_id] = now + MODEL_HINT_TTL_S
+        chosen.inflight += 1
+        at_address = self._at_address
+        at_address[chosen.address] = at_address.get(chosen.address, 0) + 1
+        return chosen
+
     def _release(self, replica: _Replica) -> None:
         replica.inflight -= 1
-        self._at_address[replica.address] -= 1
-        if not self._at_address[replica.address]:
-            del self._at_address[replica.address]
+        at_address = self._at_address
+        left = at_address[replica.address] - 1
+        if left:
+            at_address[replica.address] = left
+        else:
+            del at_address[replica.address]
         if replica.retired:
             self._retire(replica)
-        self._notify()
+        if self._waiting:
+            self._notify()
 
     async def _connect(self, replica: _Replica) -> rpc.Connection | None:
         try:
@@ -431,20 +464,15 @@ class Router:
             replica, items, first = opened
             yield self._rest(replica, items, first)
 
-    @contextlib.asynccontextmanager
-    async def channel(self, meta: Mapping[str, Any], *args: Any) -> AsyncIterator[Channel]:
-        """Open a two-way stream to the replica's ``handle_asgi`` (the proxy's requests).
+    def channel(self, meta: Mapping[str, Any], *args: Any) -> _OpenChannel:
+        """Open a two-way stream to the replica's ``handle_asgi`` (the proxy's requests):
+        ``async with router.channel(meta, scope) as channel``.
 
         The replica's first item says that it admitted the request, so a full
         or draining replica is skipped like for any call; the body then sends
         inputs with :meth:`Channel.send` and iterates over the replies.
         """
-        async with self._open("handle_asgi", meta, *args, model_id=_model_of(meta)) as opened:
-            replica, items, first = opened
-            # A request sent whole (``meta["complete"]``) is answered at once,
-            # without ADMITTED first: the first item is already the answer.
-            answer = None if first is None or first[0] == ADMITTED else first
-            yield Channel(self, replica, items, answer)
+        return _OpenChannel(self, meta, args)
 
     @contextlib.asynccontextmanager
     async def _open(
@@ -515,6 +543,64 @@ def _for_model(candidates: list[_Replica], model_id: str, now: float) -> list[_R
 ADMITTED = {"type": "trioserve.admitted"}
 """The first item of a replica's ``handle_asgi`` when the request's body is still to
 come: the replica took the request, the proxy may send the body."""
+
+
+class _OpenChannel:
+    """What :meth:`Router.channel` returns: the same steps as :meth:`Router._open`,
+    as a plain async context manager (the proxy opens one per request)."""
+
+    __slots__ = ("_args", "_items", "_meta", "_replica", "_router")
+
+    def __init__(self, router: Router, meta: Mapping[str, Any], args: tuple[Any, ...]) -> None:
+        self._router = router
+        self._meta = meta
+        self._args = args
+        self._replica: _Replica | None = None
+        self._items: rpc.Stream | None = None
+
+    async def __aenter__(self) -> Channel:
+        router = self._router
+        model_id = _model_of(self._meta)
+        while True:
+            replica = await router._choose(model_id)
+            items: rpc.Stream | None = None
+            try:
+                conn = await router._connect(replica)
+                if conn is None:
+                    router._release(replica)
+                    continue
+                items = await conn.stream("handle_asgi", self._meta, *self._args)
+                try:
+                    first: tuple[Any] | None = (await items.__anext__(),)
+                except StopAsyncIteration:
+                    first = None
+                except ReplicaRejected:
+                    replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
+                    await items.aclose()
+                    router._release(replica)
+                    continue
+                except rpc.ConnectionLost as exc:
+                    replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
+                    raise router._died(replica) from exc
+            except BaseException:
+                try:
+                    if items is not None:
+                        await items.aclose()
+                finally:
+                    router._release(replica)
+                raise
+            self._replica, self._items = replica, items
+            # A request sent whole (``meta["complete"]``) is answered at once,
+            # without ADMITTED first: the first item is already the answer.
+            answer = None if first is None or first[0] == ADMITTED else first
+            return Channel(router, replica, items, answer)
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._replica is not None and self._items is not None
+        try:
+            await self._items.aclose()
+        finally:
+            self._router._release(self._replica)
 
 
 class Channel:

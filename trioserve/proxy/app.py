@@ -21,6 +21,14 @@ publishes (``{route_prefix: {"app", "ingress"}}``) and, per request:
    that died 500, a body over ``max_request_body_bytes`` 413. A client that
    disconnects cancels the request in the replica.
 
+A request whose body came whole with its first message (a GET, a small POST)
+takes the *whole-request path*: one cancel scope and no task of its own. The
+proxy's watchdog (:meth:`ProxyApp.watch`, one task for all requests) enforces
+``request_timeout_s`` on it, and starts watching its client for a disconnect
+once it has been in flight for :data:`WATCH_TICK_S`: a request answered
+sooner costs no watcher at all. Other requests (a body in pieces, WebSockets)
+take the general path, with a task that relays the body as it arrives.
+
 Every request carries an ``x-request-id``: the client's, or a new one; it is
 returned in the response and is the request id the replica logs.
 
@@ -31,12 +39,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from trioserve.core import logs
 from trioserve.core.config import HTTPOptions
@@ -82,6 +91,12 @@ SCOPE_KEYS = (
 """The parts of the ASGI scope a replica gets (the rest is the server's own)."""
 MODEL_ID_HEADER = b"serve_multiplexed_model_id"
 """The request header that names the multiplexed model a request is for (Ray Serve's)."""
+WANTED_HEADERS = frozenset({b"content-length", b"x-request-id", MODEL_ID_HEADER})
+"""The request headers the proxy reads itself."""
+WATCH_TICK_S = 0.05
+"""How often the watchdog looks at the requests on the whole-request path: a
+timeout is noticed at most this late, and a request still in flight after
+this long gets a task that watches its client for a disconnect."""
 
 
 def match_route(routes: Mapping[str, Any], path: str) -> str | None:
@@ -117,6 +132,38 @@ class ProxyApp:
         self.routes: dict[str, Mapping[str, str]] = {}
         self.routes_known = False
         self.draining = False
+        self._inflight: dict[int, _Whole] = {}
+        """Requests on the whole-request path, by ``id()``."""
+        self._watchdog: anyio.abc.TaskGroup | None = None
+        self._wake: anyio.Event | None = None
+
+    async def watch(self) -> None:
+        """Run the watchdog of the whole-request path until cancelled.
+
+        While it runs, requests whose body came whole take that path (see the
+        module docstring); before, and in a bare ASGI server that does not run
+        it, every request takes the general path.
+        """
+        async with anyio.create_task_group() as tg:
+            self._watchdog = tg
+            try:
+                while True:
+                    if not self._inflight:
+                        self._wake = anyio.Event()
+                        await self._wake.wait()
+                        self._wake = None
+                    await anyio.sleep(WATCH_TICK_S)
+                    now = anyio.current_time()
+                    for entry in list(self._inflight.values()):
+                        if entry.deadline <= now and not entry.timed_out:
+                            entry.timed_out = True
+                            entry.scope.cancel()
+                        elif entry.watcher is None and now - entry.started >= WATCH_TICK_S:
+                            entry.watcher = anyio.CancelScope()
+                            tg.start_soon(_watch_client, entry)
+            finally:
+                self._watchdog = None
+                tg.cancel_scope.cancel()
 
     def update_routes(self, value: Mapping[str, Any] | None) -> None:
         """Take the route table the controller published, and follow the replica
@@ -154,7 +201,8 @@ class ProxyApp:
             body = self.metrics.own() if scoped else await self.metrics.scrape()
             await _respond(send, 200, body, METRICS_CONTENT_TYPE)
             return
-        request_id = _header(scope, b"x-request-id") or uuid.uuid4().hex
+        found = _wanted_headers(scope)
+        request_id = found.get(b"x-request-id") or os.urandom(16).hex()
         method = scope.get("method", "WEBSOCKET")
         started = time.monotonic()
         if not self.routes_known:
@@ -176,7 +224,7 @@ class ProxyApp:
         status: int | str = 500  # if the response fails after it started
         self.metrics.ongoing += 1
         try:
-            status = await self._forward(scope, receive, send, prefix, route, request_id)
+            status = await self._forward(scope, receive, send, prefix, route, request_id, found)
         finally:
             self.metrics.ongoing -= 1
             self.metrics.observe(
@@ -184,16 +232,11 @@ class ProxyApp:
             )
         if logs.access_log_enabled():
             latency_ms = (time.monotonic() - started) * 1000
-            log.info(
+            logs.access_line(
+                log,
                 "%s %s %s -> %s/%s %s %.1fms",
-                request_id,
-                method,
-                path,
-                route["app"],
-                route["ingress"],
-                status,
-                latency_ms,
-                extra={
+                (request_id, method, path, route["app"], route["ingress"], status, latency_ms),
+                {
                     "request_id": request_id,
                     "application": route["app"],
                     "deployment": route["ingress"],
@@ -212,19 +255,21 @@ class ProxyApp:
         prefix: str,
         route: Mapping[str, str],
         request_id: str,
+        found: Mapping[bytes, str],
     ) -> int | str:
         """Relay one request to a replica; returns the status sent (0 if none), or
-        :data:`CANCELLED`."""
-        declared = _header(scope, b"content-length")
+        :data:`CANCELLED`. ``found`` holds the request's :data:`WANTED_HEADERS`."""
+        declared = found.get(b"content-length")
         limit = self.options.max_request_body_bytes
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._refuse(
                 scope, send, 413, f"Request body over the limit of {limit} bytes.", request_id
             )
         router = self.router_for(route["app"], route["ingress"])
-        with anyio.move_on_after(NO_REPLICA_WAIT_S):
-            while not router.known:  # a route just added: its replica set is on its way
-                await anyio.sleep(0.01)
+        if not router.known:
+            with anyio.move_on_after(NO_REPLICA_WAIT_S):
+                while not router.known:  # a route just added: its replica set is on its way
+                    await anyio.sleep(0.01)
         if not router.known or (
             router.exists and not router.replicas and not router.failed and not router.autoscaling
         ):
@@ -237,6 +282,9 @@ class ProxyApp:
                 request_id,
             )
         out_scope = {k: scope[k] for k in SCOPE_KEYS if k in scope}
+        for key in ("client", "server"):  # lists, as ASGI allows: msgpack packs them natively
+            if out_scope.get(key) is not None:
+                out_scope[key] = list(out_scope[key])
         base = self.options.root_path + scope.get("root_path", "")
         if base:  # behind a reverse proxy that strips `base`: the app sees the full path
             path = scope.get("path", "/")
@@ -244,11 +292,11 @@ class ProxyApp:
             out_scope["raw_path"] = base.encode() + bytes(scope.get("raw_path") or path.encode())
         out_scope["root_path"] = base + ("" if prefix == "/" else prefix)
         headers = [list(h) for h in scope.get("headers", ())]
-        if _header(scope, b"x-request-id") is None:
+        if b"x-request-id" not in found:
             headers.append([b"x-request-id", request_id.encode()])
         out_scope["headers"] = headers
         meta: dict[str, Any] = {"request_id": request_id, "method": "__call__", "route": prefix}
-        model_id = _header(scope, MODEL_ID_HEADER)
+        model_id = found.get(MODEL_ID_HEADER)
         if model_id:  # routed to replicas that hold the model; serve.get_multiplexed_model_id()
             meta["multiplexed_model_id"] = model_id
         state = _Relay(send, request_id, scope["type"])
@@ -258,8 +306,11 @@ class ProxyApp:
             # The first body message goes with the call; a whole body (a GET, a
             # small POST) lets the replica answer at once, in one round trip.
             try:
-                with anyio.fail_after(timeout):
+                if timeout is None:
                     first = await receive()
+                else:
+                    with anyio.fail_after(timeout):
+                        first = await receive()
             except TimeoutError:
                 text = f"Request {request_id} timed out after {timeout}s."
                 return await self._refuse(scope, send, 408, text, request_id)
@@ -274,6 +325,8 @@ class ProxyApp:
             meta["request"] = dict(first)
             meta["complete"] = not first.get("more_body", False)
         complete = bool(meta.get("complete"))
+        if complete and self._watchdog is not None:
+            return await self._forward_whole(router, meta, out_scope, receive, state, scope)
         try:
             with anyio.fail_after(timeout):
                 async with anyio.create_task_group() as tg:
@@ -312,24 +365,71 @@ class ProxyApp:
                                 await state.send(item)
                     tg.cancel_scope.cancel()
         except Exception as raised:
-            error = _unwrap(raised)
-            if isinstance(error, TimeoutError):
-                status, text = 408, f"Request {request_id} timed out after {timeout}s."
-            elif isinstance(error, _TooLarge):
-                status, text = 413, f"Request body over the limit of {limit} bytes."
-            elif isinstance(error, (BackPressureError, DeploymentUnavailableError)):
-                status, text = 503, str(error)
-            elif isinstance(error, ReplicaDiedError):
-                log.warning("%s: %s", request_id, error)
-                status, text = 500, str(error)
-            else:
-                log.error("%s: the request failed", request_id, exc_info=error)
-                status, text = 500, f"Internal Server Error (request {request_id})."
-            return await self._fail(state, scope, status, text)
+            return await self._failed(raised, state, scope)
         if state.client_gone and not state.finished:
             log.info("%s: the client disconnected; the request was cancelled", request_id)
             return CANCELLED
         return state.status
+
+    async def _forward_whole(
+        self,
+        router: Router,
+        meta: Mapping[str, Any],
+        out_scope: Scope,
+        receive: Receive,
+        state: _Relay,
+        scope: Scope,
+    ) -> int | str:
+        """The whole-request path: the request is all in ``meta``; relay the answer."""
+        timeout = self.options.request_timeout_s
+        now = anyio.current_time()
+        entry = _Whole(receive, state, now, now + timeout if timeout is not None else _NEVER)
+        key = id(entry)
+        self._inflight[key] = entry
+        if self._wake is not None:
+            self._wake.set()
+        try:
+            with entry.scope:
+                async with router.channel(meta, out_scope) as channel:
+                    async for item in channel:
+                        if isinstance(item, list):  # start and body, in one frame
+                            for message in item:
+                                await state.send(message)
+                        else:
+                            await state.send(item)
+        except Exception as raised:
+            return await self._failed(raised, state, scope)
+        finally:
+            del self._inflight[key]
+            if entry.watcher is not None:
+                entry.watcher.cancel()
+        if entry.timed_out and not state.finished:
+            text = f"Request {state.request_id} timed out after {timeout}s."
+            return await self._fail(state, scope, 408, text)
+        if state.client_gone and not state.finished:
+            log.info("%s: the client disconnected; the request was cancelled", state.request_id)
+            return CANCELLED
+        return state.status
+
+    async def _failed(self, raised: BaseException, state: _Relay, scope: Scope) -> int | str:
+        """Answer the error a request failed with (see :meth:`_fail`)."""
+        request_id = state.request_id
+        error = _unwrap(raised)
+        if isinstance(error, TimeoutError):
+            timeout = self.options.request_timeout_s
+            status, text = 408, f"Request {request_id} timed out after {timeout}s."
+        elif isinstance(error, _TooLarge):
+            limit = self.options.max_request_body_bytes
+            status, text = 413, f"Request body over the limit of {limit} bytes."
+        elif isinstance(error, (BackPressureError, DeploymentUnavailableError)):
+            status, text = 503, str(error)
+        elif isinstance(error, ReplicaDiedError):
+            log.warning("%s: %s", request_id, error)
+            status, text = 500, str(error)
+        else:
+            log.error("%s: the request failed", request_id, exc_info=error)
+            status, text = 500, f"Internal Server Error (request {request_id})."
+        return await self._fail(state, scope, status, text)
 
     async def _refuse(
         self, scope: Scope, send: Send, status: int, text: str, request_id: str
@@ -352,6 +452,39 @@ class ProxyApp:
 
 class _Abort(Exception):
     """A response failed after it started: the server drops the connection."""
+
+
+_NEVER = float("inf")
+
+
+class _Whole:
+    """A request on the whole-request path, as the watchdog sees it."""
+
+    __slots__ = ("deadline", "receive", "relay", "scope", "started", "timed_out", "watcher")
+
+    def __init__(self, receive: Receive, relay: _Relay, started: float, deadline: float) -> None:
+        self.receive = receive
+        self.relay = relay
+        self.started = started
+        self.deadline = deadline
+        self.scope = anyio.CancelScope()
+        """Cancelled when the request times out or its client leaves."""
+        self.timed_out = False
+        self.watcher: anyio.CancelScope | None = None
+        """The scope of the task that watches the client, once there is one."""
+
+
+async def _watch_client(entry: _Whole) -> None:
+    """Cancel ``entry`` when its client disconnects before the response ended."""
+    assert entry.watcher is not None
+    with entry.watcher:
+        while True:
+            message = await entry.receive()
+            if message.get("type") == "http.disconnect":
+                if not entry.relay.finished:
+                    entry.relay.client_gone = True
+                    entry.scope.cancel()
+                return
 
 
 class _Relay:
@@ -430,8 +563,11 @@ def _unwrap(error: BaseException) -> BaseException:
     return error
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def _wanted_headers(scope: Scope) -> dict[bytes, str]:
+    """The request's :data:`WANTED_HEADERS` that it has (the first of each), in one pass."""
+    found: dict[bytes, str] = {}
     for key, value in scope.get("headers", ()):
-        if bytes(key).lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+        name = bytes(key).lower()
+        if name in WANTED_HEADERS and name not in found:
+            found[name] = bytes(value).decode("latin-1")
+    return found

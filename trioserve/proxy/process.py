@@ -214,6 +214,7 @@ async def _run(
         routers.long_poll.subscribe("proxy_logging", on_logging)
         routers.long_poll.subscribe("routes", on_routes)
         tg.start_soon(_signals, stop, app)
+        tg.start_soon(app.watch)
         served = anyio.Event()
         tg.start_soon(_serve, app, config, stop, options.event_loop, served)
         tg.start_soon(_report, controller, secret, url, options.event_loop, routers, lambda: seen)

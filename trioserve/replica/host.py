@@ -22,31 +22,42 @@ Its :meth:`~ReplicaHost.rpc_methods` are what the replica's RPC server serves:
 ``handle_asgi(inbox, meta, scope)``
     one HTTP request or WebSocket from the proxy: the ASGI app of the
     deployment (its ``@serve.ingress`` app, or :func:`~trioserve.replica.asgi.plain_app`
-    around ``__call__``) runs on ``scope``; the inbox carries the ASGI
-    ``receive`` messages, the stream returns the ``send`` messages, after a
-    first ``{"type": "trioserve.admitted"}``
+    around ``__call__``) runs on ``scope``, in the call's own task; the inbox
+    carries the ASGI ``receive`` messages, and each ``send`` message goes
+    back as an item of the stream (after a first ``{"type":
+    "trioserve.admitted"}`` when the body is still to come); the final body
+    ends the stream in the same frame
 ``stats()``
     ``{"replica", "ongoing", "accepting", "processed"}``
 ``metrics()``
     the replica's Prometheus metrics, as exposition text (see
     :mod:`trioserve.replica.metrics`)
+
+When the response start goes out
+--------------------------------
+``http.response.start`` waits for the first body message, and goes out with
+it in one frame, only when the response declares its length
+(``content-length``, or a 204 or 304 status, which have no body): such an app
+has its body at hand and sends it right away. Any other start (a streaming
+response: chunked, server-sent events) goes out at once, on its own, as a
+production HTTP server sends its headers: the client of a stream whose first
+chunk is slow gets the status and headers without waiting for that chunk.
+An app that ends or fails before its body still gets its start sent first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import dataclasses
 import importlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
 import anyio.abc
-import anyio.lowlevel
 import anyio.to_thread
 
 from trioserve.core import logs, rpc
@@ -176,13 +187,13 @@ class ReplicaHost:
         self.processed = 0
         self.accepting = True
         self.deleted = False
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._idle: anyio.Event | None = None
+        """Set when ``ongoing`` drops to 0, while :meth:`drain` waits for that."""
         self._threads = anyio.CapacityLimiter(config.max_ongoing_requests)
         self._asgi_app: Any = None
         self._lifespan: Any = None
         self.task_group: anyio.abc.TaskGroup | None = None
-        """Where the ASGI apps of HTTP requests run (the replica process's task group)."""
+        """The replica process's task group (set by the process)."""
         metrics.set_identity(app, deployment, replica_id)
         metrics.set_ongoing(lambda: self.ongoing)
 
@@ -227,9 +238,15 @@ class ReplicaHost:
                 self._asgi_app = ingress
             else:
                 fn = self._method("__call__")
+                call: Callable[[tuple[Any, ...]], Awaitable[Any]]
+                if inspect.iscoroutinefunction(fn):
 
-                async def call(args: tuple[Any, ...]) -> Any:
-                    return await self._invoke(fn, args, {})
+                    async def call(args: tuple[Any, ...]) -> Any:
+                        return await fn(*args)  # what _invoke does, decided once
+                else:
+
+                    async def call(args: tuple[Any, ...]) -> Any:
+                        return await self._invoke(fn, args, {})
 
                 self._asgi_app = asgi.plain_app(
                     call, takes_request=_takes_argument(fn), deployment=self.deployment
@@ -291,8 +308,8 @@ class ReplicaHost:
             raise AttributeError(f"deployment {self.deployment!r} has no method {name!r}")
         return fn  # type: ignore[no-any-return]
 
-    @contextlib.contextmanager
-    def _admit(self, meta: Mapping[str, Any]) -> Any:
+    def _admit(self, meta: Mapping[str, Any]) -> _Admission:
+        """Count one request in (``with``), or raise :class:`ReplicaRejected`."""
         if not self.accepting:
             raise ReplicaRejected(f"replica {self.replica_id} is draining")
         if self.ongoing >= self.config.max_ongoing_requests:
@@ -300,27 +317,7 @@ class ReplicaHost:
                 f"replica {self.replica_id} is at max_ongoing_requests="
                 f"{self.config.max_ongoing_requests}"
             )
-        self.ongoing += 1
-        if self.ongoing == 1:
-            self._idle = anyio.Event()
-        outcome = _Outcome()
-        started = time.monotonic()
-        try:
-            yield outcome
-        except Exception:
-            outcome.failed = True
-            raise
-        finally:
-            self.ongoing -= 1
-            self.processed += 1
-            if self.ongoing == 0:
-                self._idle.set()
-            metrics.request_done(
-                str(meta.get("route") or ""),
-                str(meta.get("method") or "__call__"),
-                outcome.failed,
-                time.monotonic() - started,
-            )
+        return _Admission(self, meta)
 
     # ------------------------------------------------------------------ RPC methods
 
@@ -444,110 +441,46 @@ class ReplicaHost:
     @rpc.takes_inbox
     async def handle_asgi(
         self, inbox: rpc.Inbox, meta: Mapping[str, Any], scope: Mapping[str, Any]
-    ) -> AsyncIterator[Any]:
+    ) -> None:
         """Run the deployment's ASGI app on one request from the proxy (see the module doc).
 
         ``meta["request"]``, when given, is the request's first ASGI message,
         sent with the call; with ``meta["complete"]`` it holds the whole body,
         and the replica starts with the app's answer instead of
-        :data:`~trioserve.core.routing.ADMITTED`. ``http.response.start`` goes
-        out together with the first body message when the app sends both at
-        once, and the final body ends the stream (:class:`~trioserve.core.rpc.Last`).
+        :data:`~trioserve.core.routing.ADMITTED`.
+
+        The app runs in this call's task and its ``send`` messages go to the
+        proxy as it sends them (see :class:`_Exchange`): the final body ends
+        the stream in the same frame (``LAST``). Cancelling the call (the
+        client left) cancels the app. An app that fails before its response
+        is complete fails the call: the proxy answers 500, or cuts a response
+        already started. Once the response is complete the app may go on
+        (background tasks): the request counts as ongoing until it returns,
+        and an error it raises then is logged.
         """
-        with self._admit(meta) as outcome:
+        with self._admit(meta) as admission:
             _request.set(_request_context(meta))
             if not meta.get("complete"):
-                yield ADMITTED
-            app = self.asgi_app
-            disconnect = {
-                "type": "websocket.disconnect"
-                if scope.get("type") == "websocket"
-                else "http.disconnect",
-                "code": 1006,
-            }
-            closed = False
-            first = meta.get("request")
-            pending = [first] if first is not None else []
-
-            async def receive() -> Any:
-                nonlocal closed
-                if pending:
-                    return pending.pop()
-                if closed:
-                    return disconnect
-                try:
-                    return await inbox.receive()
-                except (anyio.EndOfStream, anyio.ClosedResourceError):
-                    closed = True
-                    return disconnect
-
-            replies, outbox = anyio.create_memory_object_stream[Any](16)
-            app_scope = anyio.CancelScope()
-            app_done = anyio.Event()
-            app_error: list[Exception] = []
-
-            async def send(message: Any) -> None:
-                await replies.send(message)
-
-            async def run_app() -> None:
-                # In the host's task group, not in a task group of this
-                # generator: a generator must not be suspended at a `yield`
-                # inside a task group, or cancelling the call would exit the
-                # group's cancel scope out of order.
-                try:
-                    with app_scope:
-                        async with replies:
-                            await app(dict(scope), receive, send)
-                except Exception as exc:
-                    app_error.append(exc)
-                finally:
-                    app_done.set()
-
-            if self.task_group is None:
-                raise RuntimeError("the replica host has no task group to run ASGI apps in")
+                await inbox.send(ADMITTED)
+            exchange = _Exchange(inbox, meta.get("request"), scope.get("type"))
             started = time.monotonic()
-            status = 0
-            answered = False  # the whole response went out: the app may go on (background tasks)
-            self.task_group.start_soon(run_app)
             try:
-                async with outbox:
-                    async for message in outbox:
-                        kind = message.get("type")
-                        if kind == "http.response.start":
-                            status = int(message.get("status", 200))
-                            # Give the app a turn to send its body: both go out in one frame.
-                            await anyio.lowlevel.checkpoint()
-                            with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
-                                message = [message, outbox.receive_nowait()]
-                        elif kind == "websocket.accept":
-                            status = 101
-                        last = message[-1] if isinstance(message, list) else message
-                        if last.get("type") == "http.response.body" and not last.get(
-                            "more_body", False
-                        ):
-                            answered = True
-                            yield rpc.Last(message)  # the generator is closed here
-                            return
-                        yield message
-                if app_error:
-                    raise app_error[0]
+                await self.asgi_app(dict(scope), exchange.receive, exchange.send)
+                if not exchange.answered:
+                    await exchange.flush()  # an app that ended without a whole response
+            except Exception as exc:
+                if not exchange.answered:
+                    await exchange.flush()
+                    raise
+                log.error("the app failed after its response was sent", exc_info=exc)
             finally:
-                if not answered:
-                    app_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await app_done.wait()
-                if answered and app_error:
-                    log.error(
-                        "the app failed after its response was sent",
-                        exc_info=app_error[0],
-                    )
-                outcome.failed = status >= 500
+                admission.failed = exchange.status >= 500
                 if logs.access_log_enabled():
                     logs.access(
                         log,
                         str(scope.get("method", "WEBSOCKET")),
                         str(scope.get("path", "")),
-                        status or "cancelled",
+                        exchange.status or "cancelled",
                         (time.monotonic() - started) * 1000,
                         request_id=str(meta.get("request_id", "")),
                         route=str(meta.get("route") or ""),
@@ -585,7 +518,10 @@ class ReplicaHost:
         started = time.monotonic()
         log.info("draining: %d call(s) in flight", self.ongoing)
         with anyio.move_on_after(self.config.graceful_shutdown_timeout_s):
-            await self._idle.wait()
+            while self.ongoing:
+                if self._idle is None:
+                    self._idle = anyio.Event()
+                await self._idle.wait()
         timed_out = self.ongoing > 0
         if timed_out:
             log.warning(
@@ -636,13 +572,137 @@ class ReplicaHost:
         }
 
 
-class _Outcome:
-    """Whether an admitted request failed (for the replica's metrics)."""
+class _Exchange:
+    """The ASGI ``receive`` and ``send`` of one request run by :meth:`ReplicaHost.handle_asgi`.
 
-    __slots__ = ("failed",)
+    ``receive`` gives the request's first message (sent with the call), then
+    what comes through the inbox, then a disconnect once the call is over
+    or the response is complete (as ASGI servers do).
 
-    def __init__(self) -> None:
+    ``send`` pushes each message to the proxy as one item of the stream,
+    waiting for the stream's credit; response headers go as lists, which
+    msgpack packs natively (a tuple costs a nested pack). A response start
+    is held for its first body only when the response declares its length
+    (see the module docstring).
+    """
+
+    __slots__ = ("answered", "closed", "held", "inbox", "kind", "pending", "status")
+
+    def __init__(self, inbox: rpc.Inbox, first: Any, kind: Any) -> None:
+        self.inbox = inbox
+        self.kind = kind
+        self.pending = first
+        """The request's first message, until the app receives it."""
+        self.closed = False
+        self.held: dict[str, Any] | None = None
+        """A response start waiting for its first body message."""
+        self.status = 0
+        """The response's status (101 for an accepted WebSocket); 0 before it starts."""
+        self.answered = False
+        """The whole response went out (the stream has ended)."""
+
+    async def receive(self) -> Any:
+        first = self.pending
+        if first is not None:
+            self.pending = None
+            return first
+        if not self.closed:
+            try:
+                return await self.inbox.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                self.closed = True
+        return {
+            "type": "websocket.disconnect" if self.kind == "websocket" else "http.disconnect",
+            "code": 1006,
+        }
+
+    async def send(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("type")
+        held = self.held
+        if held is not None:
+            self.held = None
+            if kind == "http.response.body":
+                await self._body([held, message], message)
+                return
+            await self.inbox.send(held)
+        if self.answered:
+            raise RuntimeError(f"the app sent {kind!r} after its response was complete")
+        if kind == "http.response.start":
+            start, hold = _response_start(message)
+            self.status = int(start.get("status", 200))
+            if hold:
+                self.held = start
+                return
+            await self.inbox.send(start)
+        elif kind == "http.response.body":
+            await self._body(message, message)
+        else:
+            if kind == "websocket.accept":
+                self.status = 101
+            await self.inbox.send(message)
+
+    async def _body(self, item: Any, body: Mapping[str, Any]) -> None:
+        if body.get("more_body", False):
+            await self.inbox.send(item)
+        else:
+            self.answered = True
+            await self.inbox.send_last(item)  # the body and the end of the stream, in one frame
+
+    async def flush(self) -> None:
+        """Send a response start still held (the app ended or failed before its body)."""
+        held = self.held
+        if held is not None:
+            self.held = None
+            await self.inbox.send(held)
+
+
+def _response_start(message: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``http.response.start`` with its headers as lists, and whether to hold it for its body."""
+    headers = []
+    hold = message.get("status", 200) in (204, 304)
+    for name, value in message.get("headers") or ():
+        headers.append([name, value])
+        if not hold and name.lower() == b"content-length":
+            hold = True
+    return {**message, "headers": headers}, hold
+
+
+class _Admission:
+    """One admitted request, counted in ``ongoing`` while its ``with`` block runs.
+
+    ``failed`` tells the replica's metrics whether it failed: set when the
+    block raises, or by the block itself.
+    """
+
+    __slots__ = ("failed", "host", "meta", "started")
+
+    def __init__(self, host: ReplicaHost, meta: Mapping[str, Any]) -> None:
+        self.host = host
+        self.meta = meta
         self.failed = False
+        self.started = 0.0
+
+    def __enter__(self) -> _Admission:
+        self.host.ongoing += 1
+        self.started = time.monotonic()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and issubclass(exc_type, Exception):
+            self.failed = True
+        host = self.host
+        host.ongoing -= 1
+        host.processed += 1
+        if host.ongoing == 0 and host._idle is not None:
+            host._idle.set()
+            host._idle = None
+        meta = self.meta
+        metrics.request_done(
+            str(meta.get("route") or ""),
+            str(meta.get("method") or "__call__"),
+            self.failed,
+            time.monotonic() - self.started,
+        )
 
 
 def _takes_argument(fn: Callable[..., Any]) -> bool:
