@@ -628,13 +628,17 @@ class Channel:
             self._replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
             raise self._router._died(self._replica) from exc
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> Channel:
         """The replies, in order; :class:`~trioserve.exceptions.ReplicaDiedError` if it dies."""
-        if self._first is not None:
-            yield self._first[0]
+        return self
+
+    async def __anext__(self) -> Any:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first[0]
         try:
-            async for item in self._items:
-                yield item
+            return await self._items.__anext__()
         except rpc.ConnectionLost as exc:
             self._replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
             raise self._router._died(self._replica) from exc

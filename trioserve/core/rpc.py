@@ -288,7 +288,7 @@ def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
 
 
 class _FrameStream:
-    """Frames over a byte stream, with a read buffer and one writer at a time."""
+    """Frames over a byte stream: a read buffer, and a writer task that sends them."""
 
     def __init__(self, stream: anyio.abc.ByteStream, max_frame_size: int) -> None:
         self.stream = stream
@@ -301,13 +301,12 @@ class _FrameStream:
         """Frames (lengths and bodies) waiting for the writer."""
         self._batch = _Batch()
         """The batch the pending frames go out with."""
-        self._writing = False
         self._queued = 0
-        """Bytes of the pending frames (while :meth:`run_writer` writes them)."""
+        """Bytes of the pending frames."""
         self._writer_task = False
-        """Whether :meth:`run_writer` writes the frames (else each writer does)."""
+        """Whether the writer task (:meth:`start_writer`) runs."""
         self._wake: anyio.Event | None = None
-        """Set to wake :meth:`run_writer` while it waits for frames."""
+        """Set to wake the writer task while it waits for frames."""
         self._error: str | None = None
         """Why frames can no longer be written, once they cannot."""
         self._transport = _asyncio_transport(stream)
@@ -353,16 +352,13 @@ class _FrameStream:
     async def write_frame(self, message: list[Any], *, alone: bool = False) -> None:
         """Send one frame, whole.
 
-        With a writer task (:meth:`start_writer`, what client connections use)
-        the frame is queued and goes out with the others of this event-loop
-        turn; the call returns at once unless over
-        :data:`WRITE_QUEUE_HIGH_WATER` bytes wait. Without one, it returns once
-        the frame is handed to the transport, and frames written while another
-        write is under way go out together with the next one. Either way one
-        system call carries many frames under load, and a frame goes out
-        whole or the connection closes, even if the writer is cancelled
-        meanwhile. Raises ``anyio.BrokenResourceError`` once the connection
-        cannot be written to.
+        The frame is queued for the writer task (:meth:`start_writer`) and
+        goes out with the others of this event-loop turn, so one system call
+        carries many frames under load; the call returns at once unless over
+        :data:`WRITE_QUEUE_HIGH_WATER` bytes wait. A frame goes out whole or
+        the connection closes, whatever happens to the task that wrote it.
+        Raises ``anyio.BrokenResourceError`` once the connection cannot be
+        written to.
 
         ``alone`` says that nothing else is in flight on the connection: on
         asyncio the frame then goes out at once instead of at the end of the
@@ -379,58 +375,22 @@ class _FrameStream:
             raise anyio.BrokenResourceError(self._error)
         self._pending.append(_LENGTH.pack(len(body)))
         self._pending.append(body)
-        batch = self._batch
-        if self._writer_task:
-            if (alone or len(self._pending) >= 2 * DIRECT_WRITE_FRAMES) and self._write_now():
-                return
-            # The writer task sends it, with whatever else is written in this
-            # turn of the event loop; wait only while much is queued.
-            self._queued += len(body) + 4
-            wake = self._wake
-            if wake is not None:
-                self._wake = None
-                wake.set()
-            if self._queued > WRITE_QUEUE_HIGH_WATER:
-                await batch.wait()
-                if batch.error is not None:
-                    raise anyio.BrokenResourceError(batch.error)
+        if not self._writer_task:
+            raise RuntimeError("frames are written by the writer task: call start_writer first")
+        if (alone or len(self._pending) >= 2 * DIRECT_WRITE_FRAMES) and self._write_now():
             return
-        if self._writing:
-            # The writer sends this frame with its next batch; wait for that.
-            with anyio.CancelScope(shield=True):
-                await batch.wait()
+        # The writer task sends it, with whatever else is written in this turn
+        # of the event loop; wait only while much is queued.
+        self._queued += len(body) + 4
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake.set()
+        if self._queued > WRITE_QUEUE_HIGH_WATER:
+            batch = self._batch
+            await batch.wait()
             if batch.error is not None:
                 raise anyio.BrokenResourceError(batch.error)
-            return
-        self._writing = True
-        try:
-            # One turn of the event loop first: frames other tasks write in this
-            # turn (replies to concurrent calls, say) join this write.
-            with anyio.CancelScope(shield=True):
-                await anyio.lowlevel.checkpoint()
-            while self._pending:
-                parts, self._pending = self._pending, []
-                batch, self._batch = self._batch, _Batch()
-                data = b"".join(parts)
-                # A frame goes out whole or the connection closes: a cancellation
-                # halfway through would leave the peer a length with no body.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(WRITE_TIMEOUT_S) as timer:
-                    try:
-                        await self.stream.send(data)
-                    except Exception as exc:
-                        batch.error = f"the connection failed: {exc!r}"
-                if timer.cancelled_caught:
-                    batch.error = (
-                        f"a frame could not be written within {WRITE_TIMEOUT_S} s; "
-                        "connection closed"
-                    )
-                batch.finish()
-                if batch.error is not None:
-                    self._fail_pending(batch.error)
-                    await anyio.aclose_forcefully(self.stream)
-                    raise anyio.BrokenResourceError(batch.error)
-        finally:
-            self._writing = False
 
     def _write_now(self) -> bool:
         """Hand the pending frames to the transport now, if it is an asyncio
@@ -447,15 +407,15 @@ class _FrameStream:
             batch.error = f"the connection failed: {exc!r}"
         batch.finish()
         if batch.error is not None:
+            self._error = batch.error
             raise anyio.BrokenResourceError(batch.error)
         return True
 
     def start_writer(self, tg: anyio.abc.TaskGroup) -> None:
         """Write frames from a task of ``tg`` from now on (see :meth:`_run_writer`).
 
-        Call it before any frame is written, or while none is being written.
+        Call it once the handshake is done, before any frame is written.
         """
-        assert not self._writing, "a frame is being written"
         self._writer_task = True
         tg.start_soon(self._run_writer)
 

@@ -502,10 +502,12 @@ class _Relay:
     async def send(self, message: Message) -> None:
         kind = message.get("type")
         if kind == "http.response.start":
-            headers = [list(h) for h in message.get("headers", ())]
+            # The message came off the wire: this relay owns it and its headers.
+            headers = message.get("headers")
+            if not isinstance(headers, list):
+                headers = message["headers"] = [list(h) for h in headers or ()]
             if not any(bytes(k).lower() == b"x-request-id" for k, _ in headers):
                 headers.append([b"x-request-id", self.request_id.encode()])
-            message = {**message, "headers": headers}
             self.status = int(message.get("status", 200))
             self.started = True
         elif kind == "http.response.body" and not message.get("more_body", False):
@@ -566,8 +568,7 @@ def _unwrap(error: BaseException) -> BaseException:
 def _wanted_headers(scope: Scope) -> dict[bytes, str]:
     """The request's :data:`WANTED_HEADERS` that it has (the first of each), in one pass."""
     found: dict[bytes, str] = {}
-    for key, value in scope.get("headers", ()):
-        name = bytes(key).lower()
+    for name, value in scope.get("headers", ()):  # names are lowercase bytes in ASGI
         if name in WANTED_HEADERS and name not in found:
-            found[name] = bytes(value).decode("latin-1")
+            found[bytes(name)] = bytes(value).decode("latin-1")
     return found
