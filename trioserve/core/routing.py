@@ -458,9 +458,7 @@ class Router:
 
         Leaving the body early cancels the generator in the replica.
         """
-        async with self._open(
-            "handle_request_streaming", meta, args, kwargs or {}, model_id=_model_of(meta)
-        ) as opened:
+        async with _Open(self, "handle_request_streaming", meta, (args, kwargs or {})) as opened:
             replica, items, first = opened
             yield self._rest(replica, items, first)
 
@@ -472,35 +470,7 @@ class Router:
         or draining replica is skipped like for any call; the body then sends
         inputs with :meth:`Channel.send` and iterates over the replies.
         """
-        return _OpenChannel(self, meta, args)
-
-    @contextlib.asynccontextmanager
-    async def _open(
-        self, method: str, *args: Any, model_id: str = ""
-    ) -> AsyncIterator[tuple[_Replica, rpc.Stream, tuple[Any] | None]]:
-        """Call the streaming ``method(*args)`` at a replica that admits it;
-        gives ``(replica, stream, (first item,) or None)``."""
-        while True:
-            replica = await self._choose(model_id)
-            try:
-                conn = await self._connect(replica)
-                if conn is None:
-                    continue
-                async with await conn.stream(method, *args) as items:
-                    try:
-                        first: tuple[Any] | None = (await items.__anext__(),)
-                    except StopAsyncIteration:
-                        first = None
-                    except ReplicaRejected:
-                        replica.skip_until = anyio.current_time() + REJECTED_BACKOFF_S
-                        continue
-                    except rpc.ConnectionLost as exc:
-                        replica.unreachable_until = anyio.current_time() + UNREACHABLE_BACKOFF_S
-                        raise self._died(replica) from exc
-                    yield replica, items, first
-                    return
-            finally:
-                self._release(replica)
+        return _OpenChannel(self, "handle_asgi", meta, args)
 
     async def _rest(
         self, replica: _Replica, items: rpc.Stream, first: tuple[Any] | None
@@ -545,20 +515,27 @@ ADMITTED = {"type": "trioserve.admitted"}
 come: the replica took the request, the proxy may send the body."""
 
 
-class _OpenChannel:
-    """What :meth:`Router.channel` returns: the same steps as :meth:`Router._open`,
-    as a plain async context manager (the proxy opens one per request)."""
+class _Open:
+    """``async with _Open(router, method, meta, args) as (replica, stream, first)``:
+    the streaming ``method(meta, *args)`` called at a replica that admits it,
+    ``first`` being ``(first item,)`` or None. A replica that rejects the call
+    is skipped and another chosen; one whose connection breaks is a
+    :class:`~trioserve.exceptions.ReplicaDiedError`. Leaving closes the
+    stream (cancelling it at the replica if not over) and frees the slot."""
 
-    __slots__ = ("_args", "_items", "_meta", "_replica", "_router")
+    __slots__ = ("_args", "_items", "_meta", "_method", "_replica", "_router")
 
-    def __init__(self, router: Router, meta: Mapping[str, Any], args: tuple[Any, ...]) -> None:
+    def __init__(
+        self, router: Router, method: str, meta: Mapping[str, Any], args: tuple[Any, ...]
+    ) -> None:
         self._router = router
+        self._method = method
         self._meta = meta
         self._args = args
         self._replica: _Replica | None = None
         self._items: rpc.Stream | None = None
 
-    async def __aenter__(self) -> Channel:
+    async def __aenter__(self) -> tuple[_Replica, rpc.Stream, tuple[Any] | None]:
         router = self._router
         model_id = _model_of(self._meta)
         while True:
@@ -569,7 +546,7 @@ class _OpenChannel:
                 if conn is None:
                     router._release(replica)
                     continue
-                items = await conn.stream("handle_asgi", self._meta, *self._args)
+                items = await conn.stream(self._method, self._meta, *self._args)
                 try:
                     first: tuple[Any] | None = (await items.__anext__(),)
                 except StopAsyncIteration:
@@ -590,10 +567,7 @@ class _OpenChannel:
                     router._release(replica)
                 raise
             self._replica, self._items = replica, items
-            # A request sent whole (``meta["complete"]``) is answered at once,
-            # without ADMITTED first: the first item is already the answer.
-            answer = None if first is None or first[0] == ADMITTED else first
-            return Channel(router, replica, items, answer)
+            return replica, items, first
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._replica is not None and self._items is not None
@@ -601,6 +575,19 @@ class _OpenChannel:
             await self._items.aclose()
         finally:
             self._router._release(self._replica)
+
+
+class _OpenChannel(_Open):
+    """What :meth:`Router.channel` returns: :class:`_Open` that gives a :class:`Channel`."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Channel:  # type: ignore[override]
+        replica, items, first = await super().__aenter__()
+        # A request sent whole (``meta["complete"]``) is answered at once,
+        # without ADMITTED first: the first item is already the answer.
+        answer = None if first is None or first[0] == ADMITTED else first
+        return Channel(self._router, replica, items, answer)
 
 
 class Channel:

@@ -357,12 +357,7 @@ class ProxyApp:
                     async with router.channel(meta, out_scope) as channel:
                         if not complete:
                             tg.start_soon(pump, channel)
-                        async for item in channel:
-                            if isinstance(item, list):  # start and body, in one frame
-                                for message in item:
-                                    await state.send(message)
-                            else:
-                                await state.send(item)
+                        await state.relay(channel)
                     tg.cancel_scope.cancel()
         except Exception as raised:
             return await self._failed(raised, state, scope)
@@ -391,12 +386,7 @@ class ProxyApp:
         try:
             with entry.scope:
                 async with router.channel(meta, out_scope) as channel:
-                    async for item in channel:
-                        if isinstance(item, list):  # start and body, in one frame
-                            for message in item:
-                                await state.send(message)
-                        else:
-                            await state.send(item)
+                    await state.relay(channel)
         except Exception as raised:
             return await self._failed(raised, state, scope)
         finally:
@@ -498,6 +488,15 @@ class _Relay:
         self.finished = False
         self.client_gone = False
         self.status = 0
+
+    async def relay(self, channel: Channel) -> None:
+        """Send on every reply of ``channel``, in order (a list: start and body, in one frame)."""
+        async for item in channel:
+            if isinstance(item, list):
+                for message in item:
+                    await self.send(message)
+            else:
+                await self.send(item)
 
     async def send(self, message: Message) -> None:
         kind = message.get("type")
