@@ -19,6 +19,7 @@ replica (model composition) routes from there, never through the controller.
 from __future__ import annotations
 
 import _thread
+import abc
 import asyncio
 import concurrent.futures
 import contextlib
@@ -62,7 +63,7 @@ _SYNC_IN_LOOP = (
 # the runtime's thread; only the outcome is read from others.
 
 
-class _Job:
+class _Job(abc.ABC):
     """What a runtime runs as a task: :meth:`run`, or :meth:`abort` if it never can."""
 
     __slots__ = ("_started", "_task")
@@ -73,15 +74,16 @@ class _Job:
         self._started = False
         """Whether :meth:`run` began (an asyncio task cancelled before that never runs)."""
 
+    @abc.abstractmethod
     async def run(self) -> None:
-        raise NotImplementedError
+        """What the job does."""
 
+    @abc.abstractmethod
     def abort(self, error: BaseException | None) -> None:
         """The job will never run: ``error`` prevented it, or (None) its loop shut down."""
-        raise NotImplementedError
 
 
-class _Runtime:
+class _Runtime(abc.ABC):
     """The handle machinery of one event loop: its routers and the tasks of its requests.
 
     A root task spawned natively on the loop (a trio system task, or an asyncio
@@ -100,21 +102,21 @@ class _Runtime:
 
     # -- to be provided by each kind of loop
 
+    @abc.abstractmethod
     def _threadsafe(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run the sync ``fn(*args)`` soon in this runtime's thread (from another thread)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _spawn(self, job: _Job) -> None:
         """Start ``job.run()`` as a task (in this runtime's thread, once ready)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def is_current(self) -> bool:
         """Whether the calling code runs on this runtime's event loop."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def park(self, call: _Call) -> None:
         """Wait on this runtime's loop until ``call`` finishes; cancelling cancels it."""
-        raise NotImplementedError
 
     # -- shared
 
@@ -123,7 +125,7 @@ class _Runtime:
 
     def start(self, job: _Job) -> None:
         """Start ``job`` as a task of this runtime (from any thread)."""
-        if threading.get_ident() == self.thread:
+        if self.in_own_thread():
             self._start_here(job)
         else:
             self._threadsafe(self._start_here, job)
@@ -141,7 +143,7 @@ class _Runtime:
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run the sync ``fn(*args)`` in this runtime's thread (now, if this is it)."""
-        if threading.get_ident() == self.thread:
+        if self.in_own_thread():
             fn(*args)
         else:
             self._threadsafe(fn, *args)

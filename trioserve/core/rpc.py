@@ -202,9 +202,13 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise ProtocolError(f"unknown msgpack extension type {code}")
 
 
+_PACK_OPTIONS: dict[str, Any] = {"default": _default, "strict_types": True, "use_bin_type": True}
+"""How values are packed: by :func:`pack`, and by each connection's packer."""
+
+
 def pack(value: Any) -> bytes:
     """Encode ``value``: msgpack, with tuples kept and other objects pickled."""
-    data: bytes = msgpack.packb(value, default=_default, strict_types=True, use_bin_type=True)
+    data: bytes = msgpack.packb(value, **_PACK_OPTIONS)
     return data
 
 
@@ -294,7 +298,7 @@ class _FrameStream:
         self.stream = stream
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
-        self._packer = msgpack.Packer(default=_default, strict_types=True, use_bin_type=True)
+        self._packer = msgpack.Packer(**_PACK_OPTIONS)
         """What :func:`pack` does, without making a packer (and its buffer) per frame."""
         self._send_lock = anyio.Lock()
         self._pending: list[bytes] = []
