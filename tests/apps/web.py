@@ -71,6 +71,8 @@ class Returns:
             return {"a": [1, 2], "b": None}
         if kind == "response":
             return Response("teapot", status_code=418, headers={"x-made-by": "user"})
+        if kind == "dated":
+            return Response("old news", headers={"date": "Mon, 01 Jan 2024 00:00:00 GMT"})
         raise ValueError(f"unknown kind {kind}")
 
 

@@ -7,6 +7,8 @@ coordinate with a replica do it through files (see ``tests/apps/web.py``).
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import json
 import re
 import socket
@@ -95,6 +97,17 @@ def test_unknown_path_is_404_naming_routes(served: Served) -> None:
     r = served.client.get("/nowhere/at/all")
     assert r.status_code == 404
     assert "/-/routes" in r.text and "/nowhere/at/all" in r.text
+
+
+def test_every_response_has_one_date_header_and_an_apps_own_is_kept(served: Served) -> None:
+    for path in ("/echo", "/returns?kind=str", "/nowhere/at/all", "/-/healthz"):
+        r = served.client.get(path)
+        (date,) = r.headers.get_list("date")
+        sent = email.utils.parsedate_to_datetime(date)
+        assert sent.tzinfo is not None
+        assert abs((sent - datetime.datetime.now(datetime.UTC)).total_seconds()) < 3600
+    r = served.client.get("/returns?kind=dated")
+    assert r.headers.get_list("date") == ["Mon, 01 Jan 2024 00:00:00 GMT"]
 
 
 def test_longest_prefix_wins_and_prefixes_match_whole_segments(served: Served) -> None:

@@ -6,13 +6,14 @@ here the app runs in process, driven by httpx's ASGI transport.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
 
 from trioserve.core.config import HTTPOptions
-from trioserve.proxy.app import ProxyApp, match_route
+from trioserve.proxy.app import ProxyApp, _TaskScope, match_route
 
 ROUTES = {"/": "root", "/a": "a", "/a/b": "ab", "/api": "api"}
 
@@ -101,3 +102,51 @@ async def test_declared_body_over_the_limit_is_413_before_any_routing() -> None:
     async with client(app) as c:
         r = await c.post("/", content=b"x" * 11)
     assert r.status_code == 413 and "10 bytes" in r.text
+
+
+def test_a_task_scope_cancelled_by_the_watchdog_ends_its_block_quietly() -> None:
+    """The whole-request path's cancel scope on asyncio: the request's task goes
+    on after the block (to answer 408, say), and is not left cancelled."""
+
+    async def main() -> list[str]:
+        seen: list[str] = []
+        scope = _TaskScope()
+
+        async def request() -> None:
+            with scope:
+                await asyncio.sleep(3600)
+                seen.append("not cancelled")
+            seen.append("after the block")
+            await asyncio.sleep(0)  # no cancellation left pending
+            seen.append("still running")
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        scope.cancel()
+        await task
+        return seen
+
+    assert asyncio.run(main()) == ["after the block", "still running"]
+
+
+def test_a_task_scope_lets_a_cancellation_from_elsewhere_through() -> None:
+    """The server stopping cancels the request's task too: that goes on."""
+
+    async def main() -> bool:
+        scope = _TaskScope()
+
+        async def request() -> None:
+            with scope:
+                await asyncio.sleep(3600)
+
+        task = asyncio.create_task(request())
+        await asyncio.sleep(0)
+        scope.cancel()
+        task.cancel()  # the server's own, in the same turn
+        try:
+            await task
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(main())

@@ -37,12 +37,14 @@ The app is written with anyio and runs under either of hypercorn's workers.
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
@@ -58,7 +60,7 @@ from trioserve.exceptions import (
 )
 from trioserve.proxy.metrics import ProxyMetrics
 
-__all__ = ["ProxyApp", "match_route"]
+__all__ = ["ProxyApp", "http_date", "match_route"]
 
 log = logging.getLogger("trioserve.proxy")
 
@@ -136,6 +138,10 @@ class ProxyApp:
         """Requests on the whole-request path, by ``id()``."""
         self._watchdog: anyio.abc.TaskGroup | None = None
         self._wake: anyio.Event | None = None
+        self._clock: Callable[[], float] = anyio.current_time
+        """The event loop's clock: on asyncio its own (0.07 against 1.3 µs for anyio's)."""
+        self._new_scope: Callable[[], _Scope] = anyio.CancelScope
+        """Makes a whole-path request's cancel scope (:class:`_TaskScope` on asyncio)."""
 
     async def watch(self) -> None:
         """Run the watchdog of the whole-request path until cancelled.
@@ -145,6 +151,11 @@ class ProxyApp:
         it, every request takes the general path.
         """
         async with anyio.create_task_group() as tg:
+            try:
+                self._clock = asyncio.get_running_loop().time
+                self._new_scope = _TaskScope
+            except RuntimeError:  # trio: anyio's scope is trio's own
+                pass
             self._watchdog = tg
             try:
                 while True:
@@ -153,7 +164,7 @@ class ProxyApp:
                         await self._wake.wait()
                         self._wake = None
                     await anyio.sleep(WATCH_TICK_S)
-                    now = anyio.current_time()
+                    now = self._clock()
                     for entry in list(self._inflight.values()):
                         if entry.deadline <= now and not entry.timed_out:
                             entry.timed_out = True
@@ -377,8 +388,14 @@ class ProxyApp:
     ) -> int | str:
         """The whole-request path: the request is all in ``meta``; relay the answer."""
         timeout = self.options.request_timeout_s
-        now = anyio.current_time()
-        entry = _Whole(receive, state, now, now + timeout if timeout is not None else _NEVER)
+        now = self._clock()
+        entry = _Whole(
+            receive,
+            state,
+            self._new_scope(),
+            now,
+            now + timeout if timeout is not None else _NEVER,
+        )
         key = id(entry)
         self._inflight[key] = entry
         if self._wake is not None:
@@ -452,16 +469,66 @@ class _Whole:
 
     __slots__ = ("deadline", "receive", "relay", "scope", "started", "timed_out", "watcher")
 
-    def __init__(self, receive: Receive, relay: _Relay, started: float, deadline: float) -> None:
+    def __init__(
+        self, receive: Receive, relay: _Relay, scope: _Scope, started: float, deadline: float
+    ) -> None:
         self.receive = receive
         self.relay = relay
         self.started = started
         self.deadline = deadline
-        self.scope = anyio.CancelScope()
+        self.scope = scope
         """Cancelled when the request times out or its client leaves."""
         self.timed_out = False
         self.watcher: anyio.CancelScope | None = None
         """The scope of the task that watches the client, once there is one."""
+
+
+class _Scope(Protocol):
+    """A cancel scope as the whole-request path uses it."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: Any) -> bool | None: ...
+
+    def cancel(self) -> Any: ...
+
+
+class _TaskScope:
+    """``anyio.CancelScope`` as the whole-request path needs it, on asyncio, at a
+    sixth of the cost (about 0.9 against 5.2 µs to enter and leave).
+
+    :meth:`cancel` cancels the task inside the block, which then ends
+    quietly; a cancellation from elsewhere (the server stopping) still goes
+    on. It must be called from another task (the watchdog, a client
+    watcher), as here: then the cancellation lands inside the block, where
+    the task waits.
+    """
+
+    __slots__ = ("_called", "_task")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None
+        self._called = False
+
+    def __enter__(self) -> _TaskScope:
+        self._task = asyncio.current_task()
+        if self._called and self._task is not None:
+            self._task.cancel()
+        return self
+
+    def cancel(self) -> None:
+        if not self._called:
+            self._called = True
+            if self._task is not None:
+                self._task.cancel()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> bool:
+        task, self._task = self._task, None
+        if not self._called or task is None:
+            return False
+        # Ours was the task's one cancellation: it ends here, quietly.
+        ours_only = task.uncancel() == 0
+        return ours_only and exc_type is not None and issubclass(exc_type, asyncio.CancelledError)
 
 
 async def _watch_client(entry: _Whole) -> None:
@@ -505,8 +572,11 @@ class _Relay:
             headers = message.get("headers")
             if not isinstance(headers, list):
                 headers = message["headers"] = [list(h) for h in headers or ()]
-            if not any(bytes(k).lower() == b"x-request-id" for k, _ in headers):
+            names = {bytes(k).lower() for k, _ in headers}
+            if b"x-request-id" not in names:
                 headers.append([b"x-request-id", self.request_id.encode()])
+            if b"date" not in names:
+                headers.append([b"date", http_date()])
             self.status = int(message.get("status", 200))
             self.started = True
         elif kind == "http.response.body" and not message.get("more_body", False):
@@ -535,8 +605,22 @@ async def _respond(
     ]
     if request_id is not None:
         headers.append([b"x-request-id", request_id.encode()])
+    headers.append([b"date", http_date()])
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+_date: tuple[int, bytes] = (0, b"")
+
+
+def http_date() -> bytes:
+    """The ``date`` header's value now (RFC 9110, ``Thu, 03 Dec 2026 06:20:00 GMT``),
+    formatted once a second: hypercorn's own formats it for every response."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, email.utils.formatdate(now, usegmt=True).encode("ascii"))
+    return _date[1]
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
