@@ -279,3 +279,17 @@ def test_a_file_handler_writes_the_lines_of_the_last_turn_when_closed(
         logs.apply_logging_config({"logs_dir": str(tmp_path)})
         asyncio.run(main())
     assert (tmp_path / "replica-x.log").read_text().rstrip("\n").endswith("-- GET /r/x 200 1.5ms")
+
+
+def test_no_more_than_a_bounded_number_of_lines_wait_for_the_end_of_a_turn(
+    stream: io.StringIO,
+) -> None:
+    """Should a loop stop without another turn, its lines are not all held back."""
+
+    async def one_long_turn() -> int:
+        for _ in range(logs.LineHandler.MAX_WAITING_LINES):
+            _access()
+        return stream.getvalue().count("GET /r/x")
+
+    with _alone(stream):
+        assert asyncio.run(one_long_turn()) == logs.LineHandler.MAX_WAITING_LINES

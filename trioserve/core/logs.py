@@ -38,6 +38,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
@@ -162,7 +163,9 @@ class TextFormatter(_Formatter):
     def info_line(self, name: str, message: str, attrs: Mapping[str, Any]) -> str | None:
         if self.extra_attrs:  # standard attributes: those of a real record
             return None
-        return self._text("INFO", self._asctime(*_now()), message, attrs)
+        return self._text(
+            logging.getLevelName(logging.INFO), self._asctime(*_now()), message, attrs
+        )
 
     def _text(self, levelname: str, asctime: str, message: str, attrs: Mapping[str, Any]) -> str:
         parts = [levelname, asctime]
@@ -211,7 +214,8 @@ class JSONFormatter(_Formatter):
         if self.extra_attrs:  # standard attributes: those of a real record
             return None
         created, msecs = _now()
-        out = self._fields("INFO", self._asctime(created, msecs), created, name, message, attrs)
+        info = logging.getLevelName(logging.INFO)  # as a record's, should it be renamed
+        out = self._fields(info, self._asctime(created, msecs), created, name, message, attrs)
         return json.dumps(out, default=str)
 
     @staticmethod
@@ -249,9 +253,13 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     :meth:`write_soon` takes a line (an access line, formatted without a
     ``LogRecord``); the lines of one event-loop turn are written in one go
     once the turn ends, or at once in a thread that runs no loop. A record
-    written meanwhile goes after them, so the order holds. A process killed
-    with SIGKILL loses the lines of the turn it was in.
+    written meanwhile goes after them, so the order holds. Lines never wait
+    in more than :data:`MAX_WAITING_LINES` (should a loop stop without
+    another turn). A process killed with SIGKILL loses the lines of the turn
+    it was in.
     """
+
+    MAX_WAITING_LINES = 256
 
     def __init__(self, stream: TextIO | None = None) -> None:
         super().__init__(stream)
@@ -261,8 +269,10 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Write ``line`` (and a newline) once the current event-loop turn ends."""
         with self.lock:  # type: ignore[union-attr]
             self._lines.append(line)
-            first = len(self._lines) == 1
-        if first and not _after_this_turn(self._write_lines):
+            waiting = len(self._lines)
+        if waiting >= self.MAX_WAITING_LINES or (
+            waiting == 1 and not _after_this_turn(self._write_lines)
+        ):
             self._write_lines()
 
     def _write_lines(self) -> None:
@@ -274,8 +284,9 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             try:
                 self.stream.write(text)
                 self.stream.flush()
-            except (OSError, ValueError):  # a full disk, a closed stream: as logging, go on
-                pass
+            except Exception:  # a full disk, a closed stream: as logging, report and go on
+                if logging.raiseExceptions and sys.stderr is not None:
+                    traceback.print_exc(file=sys.stderr)
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._lines:
@@ -320,7 +331,7 @@ def _sole_handler(
     """The process's handler, with its filter and format, when it is the only one
     a record of ``logger`` reaches and nothing on the way may change or drop
     the record; else None."""
-    if logger.filters:
+    if logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
         return None
     node = logger
     while node.parent is not None:

@@ -218,6 +218,7 @@ async def _run(
     # The proxy adds `date` itself, made once a second (ProxyApp); no `server` header.
     config.include_date_header = False
     config.include_server_header = False
+    gc.collect()  # start-up's garbage goes; what stays is frozen
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
 
