@@ -33,10 +33,10 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-import sniffio
 import trio
 
 from trioserve import _loop
+from trioserve.core.eventloop import running_loop
 from trioserve.core.routing import InstanceAddress, Routers, current_instance
 from trioserve.exceptions import RequestCancelledError
 
@@ -305,26 +305,14 @@ class _ThreadState(threading.local):
 _thread_state = _ThreadState()
 
 
-def _running_loop() -> tuple[str | None, Any]:
-    """The event loop running in this thread: ("trio", its token), ("asyncio", the loop)
-    or (None, None); the same precedence as sniffio's."""
-    library = sniffio.thread_local.name or sniffio.current_async_library_cvar.get()
-    if library is None:
-        loop = asyncio._get_running_loop()
-        return (None, None) if loop is None else ("asyncio", loop)
-    if library == "trio":
-        return library, trio.lowlevel.current_trio_token()
-    if library == "asyncio":
-        return library, asyncio.get_running_loop()
-    raise RuntimeError(f"trioserve handles do not support the event loop {library!r}")
-
-
 def _current_runtime() -> _Runtime:
     """The runtime of the calling thread's event loop, or of the background loop."""
     instance = current_instance()
-    library, loop = _running_loop()
+    library, loop = running_loop()
     if library is None:
         loop, _ = _loop.handle_loop()
+    elif loop is None:
+        raise RuntimeError(f"trioserve handles do not support the event loop {library!r}")
     runtime = _thread_state.runtime
     if (
         runtime is not None
@@ -525,7 +513,7 @@ class _Call(_Job):
         if runtime.is_current():
             await runtime.park(self)
             return
-        library, loop = _running_loop()
+        library, loop = running_loop()
         if library == "asyncio":
             future = loop.create_future()
             wake: Callable[[], None] = functools.partial(_wake_asyncio_future, loop, future)

@@ -32,7 +32,6 @@ it is an ordinary record, so that the user's handlers see it too.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -41,6 +40,8 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
+
+from trioserve.core.eventloop import running_loop
 
 __all__ = [
     "ENCODINGS",
@@ -310,19 +311,14 @@ class _FileLineHandler(LineHandler, logging.FileHandler):
 def _after_this_turn(callback: Callable[[], None]) -> bool:
     """Call ``callback`` once the running event loop's current turn ends (asyncio or
     trio); False, and nothing scheduled, when this thread runs no loop."""
-    try:
-        asyncio.get_running_loop().call_soon(callback)
-        return True
-    except RuntimeError:
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.lowlevel.current_trio_token().run_sync_soon(callback)
-            return True
-        except RuntimeError:
-            pass
-    return False
+    library, loop = running_loop()
+    if library == "asyncio":
+        loop.call_soon(callback)
+    elif library == "trio":
+        loop.run_sync_soon(callback)
+    else:
+        return False
+    return True
 
 
 def _sole_handler(

@@ -61,6 +61,7 @@ import pickle
 import secrets
 import socket
 import struct
+import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
@@ -70,7 +71,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import msgpack
-import sniffio
+
+from trioserve.core.eventloop import running_loop
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -307,16 +309,11 @@ def _event_type() -> Callable[[], _Event]:
     several times the cost (about 4.7 against 0.5 microseconds to make, set
     and wait on one), and a connection makes one per call. Call it on the
     loop; anyio's for a loop it does not know."""
-    try:
-        library = sniffio.current_async_library()
-    except sniffio.AsyncLibraryNotFoundError:
-        return anyio.Event
+    library, _ = running_loop()
     if library == "asyncio":
         return asyncio.Event
-    if library == "trio":
-        import trio
-
-        return trio.Event
+    if library == "trio":  # trio runs, so it is imported
+        return sys.modules["trio"].Event  # type: ignore[no-any-return]
     return anyio.Event
 
 

@@ -51,6 +51,7 @@ import anyio.abc
 
 from trioserve.core import logs
 from trioserve.core.config import HTTPOptions
+from trioserve.core.eventloop import running_loop
 from trioserve.core.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from trioserve.core.routing import Channel, Router
 from trioserve.exceptions import (
@@ -151,11 +152,10 @@ class ProxyApp:
         it, every request takes the general path.
         """
         async with anyio.create_task_group() as tg:
-            try:
-                self._clock = asyncio.get_running_loop().time
+            library, loop = running_loop()
+            if library == "asyncio":  # on trio, anyio's scope is trio's own
+                self._clock = loop.time
                 self._new_scope = _TaskScope
-            except RuntimeError:  # trio: anyio's scope is trio's own
-                pass
             self._watchdog = tg
             try:
                 while True:
